@@ -1,0 +1,159 @@
+"""Datasets: in-memory tensors for the small ones (Fashion-MNIST, digits), ImageFolder/torchvision for the rest.
+
+Small datasets are held as one float tensor in [0, 1] of shape (N, C, H, W): the batched augmentations in
+``augment.py`` then run on whole batches, so the data pipeline never bottlenecks a CPU or GPU step.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DataError(RuntimeError):
+    """A dataset is missing or malformed; the message says where it looked and how to fix it."""
+
+
+@dataclass
+class TensorSplit:
+    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor | np.ndarray) -> "TensorSplit":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return TensorSplit(self.images[idx], self.labels[idx])
+
+    def without_classes(self, classes) -> "TensorSplit":
+        if not classes:
+            return self
+        keep = ~torch.isin(self.labels, torch.as_tensor(list(classes)))
+        return TensorSplit(self.images[keep], self.labels[keep])
+
+    def only_classes(self, classes) -> "TensorSplit":
+        """Keep ``classes`` and relabel them 0..len-1 in the given order."""
+        classes = list(classes)
+        keep = torch.isin(self.labels, torch.as_tensor(classes))
+        remap = torch.full((int(self.labels.max()) + 1,), -1, dtype=torch.long)
+        remap[torch.as_tensor(classes)] = torch.arange(len(classes))
+        return TensorSplit(self.images[keep], remap[self.labels[keep]])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e}); delete it and fetch the dataset again") from None
+    if len(data) < 8 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number); delete it and fetch the dataset again")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated IDX file ({body.size} of {int(np.prod(dims))} values)")
+    return body.reshape(dims)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def fashion_mnist_dirs(data_root: str | None) -> list[Path]:
+    dirs = []
+    if data_root:
+        r = Path(data_root)
+        dirs += [r, r / "FashionMNIST" / "raw", r / "fashion-mnist"]
+    dirs.append(DEBIAN_FASHION_MNIST)
+    return dirs
+
+
+def load_fashion_mnist(data_root: str | None, split: str) -> TensorSplit:
+    """Fashion-MNIST from ``data_root`` (raw idx files or torchvision's layout), Debian's package, or a download."""
+    dirs = fashion_mnist_dirs(data_root)
+    img_stem, lbl_stem = FMNIST_FILES[split]
+    img, lbl = _find_idx(dirs, img_stem), _find_idx(dirs, lbl_stem)
+    if img is None or lbl is None:
+        root = Path(data_root or os.environ.get("REPLICATE_DATA", "data"))
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(root), train=(split == "train"), download=True)
+        except Exception as e:  # noqa: BLE001 - any download failure becomes the same actionable message
+            looked = ", ".join(str(d) for d in dirs)
+            raise DataError(
+                f"Fashion-MNIST not found (looked in {looked}) and the download failed ({type(e).__name__}). "
+                "Fix: `apt-get install dataset-fashion-mnist`, or pass --data-root DIR holding the idx files, "
+                "or run once online so torchvision can download it.") from None
+        return load_fashion_mnist(str(root), split)
+    x = torch.from_numpy(_read_idx(img).copy()).float().div_(255).unsqueeze(1)
+    y = torch.from_numpy(_read_idx(lbl).astype(np.int64))
+    if len(x) != len(y):
+        raise DataError(f"{img}: {len(x)} images but {lbl}: {len(y)} labels")
+    return TensorSplit(x, y)
+
+
+def load_digits_split(split: str, image_size: int = 16, seed: int = 0) -> TensorSplit:
+    """scikit-learn's bundled 8x8 digits (1797 images), upscaled; a fixed stratified 1/3 test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    tr, te = train_test_split(np.arange(len(y)), test_size=1 / 3, random_state=seed, stratify=d.target)
+    return TensorSplit(x, y).subset(tr if split == "train" else te)
+
+
+def load_tensor_dataset(name: str, split: str, data_root: str | None, image_size: int) -> TensorSplit:
+    if name == "fashion_mnist":
+        ds = load_fashion_mnist(data_root, split)
+        if ds.images.shape[-1] != image_size:
+            ds = TensorSplit(F.interpolate(ds.images, size=(image_size, image_size), mode="bilinear",
+                                           align_corners=False).clamp_(0, 1), ds.labels)
+        return ds
+    if name == "digits":
+        return load_digits_split(split, image_size)
+    raise DataError(f"dataset {name!r} is not an in-memory dataset (use the ImageFolder path)")
+
+
+def is_tensor_dataset(name: str) -> bool:
+    return name in ("fashion_mnist", "digits")
+
+
+def channel_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation constants: ImageNet's for RGB data, the train-set statistics for the grayscale sets."""
+    return {
+        "fashion_mnist": ((0.2860,), (0.3530,)),
+        "digits": ((0.30,), (0.40,)),
+    }.get(name, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+
+
+def imagenet_folder(data_root: str | None, split: str):
+    """ImageNet in ImageFolder layout: DATA_ROOT/{train,val}/<wnid>/*.JPEG."""
+    if not data_root:
+        raise DataError("the paper profile needs ImageNet: pass --data-root DIR with DIR/train and DIR/val "
+                        "in ImageFolder layout (one folder per class)")
+    path = Path(data_root) / split
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder; --data-root must hold train/ and val/ in ImageFolder layout")
+    return path

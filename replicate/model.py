@@ -1,0 +1,100 @@
+"""ViT backbones and MLP heads, built through timm's public arguments.
+
+Every knob the paper ablates maps to a timm argument or to a small post-construction change:
+pooling -> ``class_token`` / ``global_pool`` / ``fc_norm`` / ``final_norm``; position embedding -> fixed 2-D
+sin-cos written into ``pos_embed`` (frozen) / timm's learned one / ``pos_embed='none'``; random patch projection
+-> xavier init then ``requires_grad=False`` (the official ``--stop-grad-conv1``); ViT-BN -> each block's ``norm2``
+(the LayerNorm before the MLP) replaced by BatchNorm over tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+from torch import nn
+
+from .config import RunConfig
+
+
+def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """The official moco-v3 ``build_2d_sincos_position_embedding``: [sin(w), cos(w), sin(h), cos(h)], dim/4 each.
+
+    Returns (grid_h * grid_w, dim), row-major over (h, w) like the patch sequence.
+    """
+    if dim % 4:
+        raise ValueError(f"embed dim {dim} must be divisible by 4 for 2-D sin-cos position embedding")
+    grid_w_, grid_h_ = torch.meshgrid(torch.arange(grid_w, dtype=torch.float32),
+                                      torch.arange(grid_h, dtype=torch.float32), indexing="xy")
+    pos_dim = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
+    out_w = grid_w_.flatten()[:, None] * omega[None]
+    out_h = grid_h_.flatten()[:, None] * omega[None]
+    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channel dim of (B, N, C) token tensors: ViT-BN's replacement for the MLP-block LN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def build_vit(cfg: RunConfig, num_classes: int = 0, drop_path_rate: float = 0.0) -> nn.Module:
+    s = cfg.setting
+    pool_args = {
+        "cls": dict(class_token=True, global_pool="token", fc_norm=False, final_norm=True),
+        "gap_ln": dict(class_token=False, global_pool="avg", fc_norm=False, final_norm=True),
+        "gap": dict(class_token=False, global_pool="avg", fc_norm=False, final_norm=False),
+    }[s.pooling]
+    vit = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=num_classes,
+        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=4.0,
+        pos_embed="none" if s.pos_embed == "none" else "learn", weight_init="moco",
+        drop_path_rate=drop_path_rate, **pool_args,
+    )
+    if s.pos_embed == "sincos":
+        grid_h, grid_w = vit.patch_embed.grid_size
+        table = sincos_2d_position_embedding(grid_h, grid_w, cfg.embed_dim)
+        if vit.cls_token is not None:  # [CLS] gets a zero position embedding, as in the official code
+            table = torch.cat([torch.zeros(1, cfg.embed_dim), table])
+        vit.pos_embed.data.copy_(table[None])
+        vit.pos_embed.requires_grad = False
+    if vit.cls_token is not None:
+        nn.init.normal_(vit.cls_token, std=1e-6)
+    proj = vit.patch_embed.proj
+    # xavier_uniform over the (out, in*p*p) view, as the official code (fan_in = channels x patch area)
+    val = math.sqrt(6.0 / float(cfg.in_chans * math.prod(proj.kernel_size) + proj.out_channels))
+    nn.init.uniform_(proj.weight, -val, val)
+    nn.init.zeros_(proj.bias)
+    if s.patch_proj == "random":
+        proj.weight.requires_grad = False
+        proj.bias.requires_grad = False
+    if s.norm_mlp == "bn":
+        for block in vit.blocks:
+            block.norm2 = TokenBatchNorm(cfg.embed_dim)
+    return vit
+
+
+def build_mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int, bn: bool = True, last_bn: bool = True):
+    """The official ``_build_mlp``: Linear(no bias) -> BN -> ReLU per hidden layer; last BN has affine=False.
+
+    Without BN (study 7) the Linear layers get biases back and the last layer is plain Linear.
+    """
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        d1 = in_dim if i == 0 else hidden
+        d2 = out_dim if i == num_layers - 1 else hidden
+        layers.append(nn.Linear(d1, d2, bias=not bn))
+        if i < num_layers - 1:
+            if bn:
+                layers.append(nn.BatchNorm1d(d2))
+            layers.append(nn.ReLU(inplace=True))
+        elif bn and last_bn:
+            layers.append(nn.BatchNorm1d(d2, affine=False))
+    return nn.Sequential(*layers)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

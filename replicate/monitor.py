@@ -1,0 +1,103 @@
+"""The instability monitor (paper App. A and Fig. 4), recorded during pretraining at no extra data pass.
+
+Per iteration: loss, lr, momentum, and the gradient infinity-norm of the first layer (the patch projection, or
+the first block's qkv when the projection is frozen) and of the last block, both absolute and relative to the
+weights' infinity-norm. Stats stay on the device until a flush, so ordinary steps never sync with the host.
+Every ``monitor_every`` iterations: a kNN accuracy of the current batch's backbone ([CLS]) features against a
+queue of recent training features (10% of the training set, as the paper's memory bank).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import RunConfig
+
+SERIES = ("loss", "lr", "momentum", "grad_first", "grad_first_rel", "grad_last", "grad_last_rel")
+
+
+def weighted_knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                         k: int = 20, t: float = 0.07) -> torch.Tensor:
+    """InstDisc/DINO weighted kNN on L2-normalised features: votes exp(sim / t) over the k nearest."""
+    sim = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T
+    k = min(k, bank.shape[0])
+    top_sim, top_idx = sim.topk(k, dim=1)
+    votes = torch.zeros(query.shape[0], num_classes, device=query.device, dtype=torch.float32)
+    votes.scatter_add_(1, bank_labels[top_idx], (top_sim.float() / t).exp())
+    return votes.argmax(1)
+
+
+class TrainingMonitor:
+    def __init__(self, cfg: RunConfig, model, train_size: int, lrs: np.ndarray, ms: np.ndarray):
+        self.cfg, self.lrs, self.ms = cfg, lrs, ms
+        backbone = model.backbone
+        proj_w = backbone.patch_embed.proj.weight
+        self.first = proj_w if proj_w.requires_grad else backbone.blocks[0].attn.qkv.weight
+        self.last = [p for p in backbone.blocks[-1].parameters() if p.requires_grad]
+        self.bank_size = max(cfg.batch_size, train_size // 10)
+        self.bank = torch.zeros(0, cfg.embed_dim)
+        self.bank_labels = torch.zeros(0, dtype=torch.long)
+        self.pending: list[torch.Tensor] = []
+        self.series = {k: [] for k in SERIES}
+        self.knn_steps: list[int] = []
+        self.knn_acc: list[float] = []
+        self.last_loss: float = float("nan")
+        self.last_knn: float | None = None
+        self.diverged_at: int | None = None
+
+    @torch.no_grad()
+    def track(self, loss: torch.Tensor) -> None:
+        def inf(ts):
+            return torch.stack([t.abs().max() for t in ts]).max()
+
+        g_first, w_first = self.first.grad.abs().max(), self.first.abs().max()
+        g_last, w_last = inf([p.grad for p in self.last if p.grad is not None]), inf(self.last)
+        self.pending.append(torch.stack([loss.detach().float(), g_first.float(), (g_first / w_first).float(),
+                                         g_last.float(), (g_last / w_last).float()]))
+
+    def should_flush(self, step: int, end: int) -> bool:
+        done = step + 1
+        every = self.cfg.monitor_every
+        return done % every == 0 or done == end or (self.cfg.checkpoint_every and done % self.cfg.checkpoint_every == 0)
+
+    @torch.no_grad()
+    def flush(self, step: int, feats: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Move pending stats to the host, run the kNN monitor; False if the loss went non-finite."""
+        stats = torch.stack(self.pending).cpu().numpy()
+        self.pending.clear()
+        first_step = step - len(stats) + 1
+        for i, row in enumerate(stats):
+            if not math.isfinite(float(row[0])):
+                self.diverged_at = first_step + i
+                return False
+            s = first_step + i
+            for key, val in zip(SERIES, (row[0], self.lrs[s], self.ms[s], *row[1:])):
+                self.series[key].append(float(val))
+        self.last_loss = float(stats[-1, 0])
+        feats, labels = feats.float().cpu(), labels.cpu()
+        if len(self.bank) >= self.cfg.knn_k:
+            pred = weighted_knn_predict(feats, self.bank, self.bank_labels, self.cfg.num_classes,
+                                        self.cfg.knn_k, self.cfg.knn_t)
+            self.last_knn = 100.0 * (pred == labels).float().mean().item()
+            self.knn_steps.append(step)
+            self.knn_acc.append(self.last_knn)
+        self.bank = torch.cat([feats, self.bank])[: self.bank_size]
+        self.bank_labels = torch.cat([labels, self.bank_labels])[: self.bank_size]
+        return True
+
+    def state_dict(self) -> dict:
+        return {"series": self.series, "knn_steps": self.knn_steps, "knn_acc": self.knn_acc,
+                "bank": self.bank, "bank_labels": self.bank_labels}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.series = {k: list(v) for k, v in state["series"].items()}
+        self.knn_steps, self.knn_acc = list(state["knn_steps"]), list(state["knn_acc"])
+        self.bank, self.bank_labels = state["bank"], state["bank_labels"]
+        self.last_knn = self.knn_acc[-1] if self.knn_acc else None
+
+    def curves(self) -> dict:
+        """The compact, JSON-ready record stored with a row's results."""
+        return {"series": self.series, "knn_steps": self.knn_steps, "knn_acc": self.knn_acc}

@@ -1,0 +1,138 @@
+"""The results store: one JSON file per (profile, table, row, seed), written atomically.
+
+Layout: ``<root>/<profile>/table<N>/<row>/seed<K>.json``. Each file holds the metrics, the run's status, the
+fully resolved RunConfig, the monitor curves and provenance (git commit, package versions, device, wall time).
+A per-row lock file serialises two processes that run the same row, so concurrent table runs never corrupt
+the store or train the same row twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "results"
+
+
+class ResultsError(RuntimeError):
+    pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def provenance(device: str) -> dict:
+    import faiss
+    import numpy
+    import timm
+    import torch
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except Exception:  # noqa: BLE001 - provenance is best effort outside a git checkout
+            return None
+
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "packages": {"torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__,
+                     "faiss": getattr(faiss, "__version__", "?")},
+        "device": device,
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
+
+
+class ResultStore:
+    def __init__(self, root: str | Path | None, profile: str):
+        self.root = Path(root) if root else DEFAULT_ROOT
+        self.profile = profile
+
+    @property
+    def profile_dir(self) -> Path:
+        return self.root / self.profile
+
+    def row_dir(self, table: str, row: str) -> Path:
+        return self.profile_dir / table / row
+
+    def path(self, table: str, row: str, seed: int) -> Path:
+        return self.row_dir(table, row) / f"seed{seed}.json"
+
+    def checkpoint_path(self, table: str, row: str, seed: int) -> Path:
+        return self.profile_dir / "ckpt" / table / row / f"seed{seed}.pt"
+
+    def check_writable(self) -> None:
+        try:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.profile_dir):
+                pass
+        except OSError as e:
+            raise ResultsError(f"results folder {self.profile_dir} is not writable ({e.strerror}); "
+                               "pass --results DIR to write elsewhere") from None
+
+    def exists(self, table: str, row: str, seed: int) -> bool:
+        return self.load(table, row, seed) is not None
+
+    def load(self, table: str, row: str, seed: int) -> dict | None:
+        p = self.path(table, row, seed)
+        try:
+            return json.loads(p.read_text())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return None  # a foreign/truncated file counts as missing; it is overwritten on the next run
+
+    def save(self, table: str, row: str, seed: int, record: dict) -> Path:
+        p = self.path(table, row, seed)
+        atomic_write_text(p, json.dumps(record, indent=1, sort_keys=False) + "\n")
+        return p
+
+    @contextlib.contextmanager
+    def lock(self, table: str, row: str, seed: int):
+        lock_path = self.profile_dir / ".locks" / f"{table}.{row}.seed{seed}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def table_records(self, table: str) -> dict[str, list[dict]]:
+        """row name -> its seed records (any order)."""
+        out: dict[str, list[dict]] = {}
+        tdir = self.profile_dir / table
+        if not tdir.is_dir():
+            return out
+        for f in sorted(tdir.glob("*/seed*.json")):
+            try:
+                out.setdefault(f.parent.name, []).append(json.loads(f.read_text()))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def load_baselines(self) -> dict | None:
+        p = self.profile_dir / "baselines.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def save_baselines(self, record: dict) -> None:
+        atomic_write_text(self.profile_dir / "baselines.json", json.dumps(record, indent=1) + "\n")

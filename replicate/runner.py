@@ -1,0 +1,132 @@
+"""Run a study: every (row, seed) of a spec at one profile -> pretrain -> evaluate -> one result file each."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from . import distributed as D
+from .config import RunConfig, Setting
+from .data import is_tensor_dataset, load_tensor_dataset
+from .profiles import Profile, get_profile
+from .results import ResultStore, provenance
+from .spec import Row, Spec
+from .trainer import pretrain
+
+
+def log(msg: str) -> None:
+    if D.is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def eval_splits(cfg: RunConfig, data_root: str | None):
+    train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
+    test = load_tensor_dataset(cfg.dataset, "test", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
+    return train, test
+
+
+def score_features(cfg: RunConfig, train_feats, train_labels, test_feats, test_labels) -> dict[str, float]:
+    from evals.knn import knn_accuracy
+    from evals.linear import linear_probe_cached
+
+    out = {}
+    if "knn" in cfg.metrics:
+        out["knn"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels, cfg.knn_k, cfg.knn_t)
+    if "linear" in cfg.metrics:
+        out["linear"] = linear_probe_cached(train_feats, train_labels, test_feats, test_labels,
+                                            cfg.linear_epochs, cfg.linear_batch, cfg.linear_base_lr, cfg.seed)
+    return out
+
+
+def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress: bool = True) -> dict[str, float]:
+    """The profile's metrics for a pretrained backbone (frozen, eval mode)."""
+    from evals.features import extract_features
+
+    device = next(backbone.parameters()).device
+    if is_tensor_dataset(cfg.dataset):
+        train, test = eval_splits(cfg, data_root)
+        ftr, ytr = extract_features(backbone, train, cfg.dataset, device=device)
+        fte, yte = extract_features(backbone, test, cfg.dataset, device=device)
+        return score_features(cfg, ftr, ytr, fte, yte)
+    from evals.linear import linear_probe_paper
+    from evals.loaders import imagenet_linear_loaders
+
+    train_loader, val_loader = imagenet_linear_loaders(cfg, data_root)
+    acc = linear_probe_paper(backbone, cfg.embed_dim, cfg.num_classes, train_loader, val_loader,
+                             cfg.linear_epochs, cfg.linear_batch, cfg.linear_base_lr, device, progress)
+    return {"linear": acc}
+
+
+def compute_baselines(profile: Profile, spec: Spec, data_root: str | None) -> dict:
+    """kNN/linear on raw pixels and on a randomly initialised backbone (the reference row's), same splits."""
+    from evals.features import extract_features, pixel_features
+
+    from .model import build_vit
+
+    cfg = profile.resolve(spec.setting(spec.row(spec.reference)))
+    train, test = eval_splits(cfg, data_root)
+    torch.manual_seed(0)
+    rand = build_vit(cfg)
+    return {
+        "dataset": cfg.dataset, "train_images": len(train), "test_images": len(test),
+        "raw_pixels": score_features(cfg, *pixel_features(train), *pixel_features(test)),
+        "random_backbone": score_features(cfg, *extract_features(rand, train, cfg.dataset),
+                                          *extract_features(rand, test, cfg.dataset)),
+        "random_backbone_arch": f"{cfg.embed_dim}w x {cfg.depth} blocks, patch {cfg.patch_size}",
+    }
+
+
+def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStore, data_root: str | None,
+            progress: bool = True) -> dict:
+    cfg = profile.resolve(spec.setting(row), seed=seed)
+    t0 = time.perf_counter()
+    record: dict = {"table": spec.key, "row": row.name, "seed": seed, "profile": profile.name}
+    if spec.kind == "transfer":
+        from evals.transfer import run_transfer_row
+
+        metrics = run_transfer_row(cfg, profile, data_root, store.checkpoint_path(spec.key, row.name, seed),
+                                   progress)
+        record.update(status="ok", metrics=metrics, curves=None)
+    else:
+        result = pretrain(cfg, data_root, store.checkpoint_path(spec.key, row.name, seed), progress)
+        record.update(status=result.status, diverged_at=result.diverged_at, iterations=result.iterations,
+                      pretrain_s=round(result.wall_time_s, 1), curves=result.monitor)
+        record["metrics"] = (evaluate_backbone(cfg, result.model.backbone, data_root, progress)
+                             if result.status == "ok" and D.is_main() else {})
+    device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    record.update(wall_time_s=round(time.perf_counter() - t0, 1), config=cfg.model_dump(mode="json"),
+                  provenance=provenance(device))
+    return record
+
+
+def run_table(spec: Spec, profile_name: str, seeds: int = 1, force: bool = False, data_root: str | None = None,
+              results_root=None, progress: bool = True) -> ResultStore:
+    profile = get_profile(profile_name)
+    store = ResultStore(results_root, profile.name)
+    if D.is_main():
+        store.check_writable()
+    if spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and store.load_baselines() is None and D.is_main():
+        log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
+        store.save_baselines(compute_baselines(profile, spec, data_root))
+    jobs = [(row, seed) for row in spec.rows for seed in range(seeds)]
+    for n, (row, seed) in enumerate(jobs, 1):
+        head = f"[{profile.name} {spec.key} {n}/{len(jobs)}] {row.name} seed {seed}"
+        with store.lock(spec.key, row.name, seed):
+            if not force and store.exists(spec.key, row.name, seed):
+                log(f"{head}: done already (use --force to re-run)")
+                continue
+            log(f"{head}: running")
+            record = run_row(spec, row, profile, seed, store, data_root, progress)
+            if D.is_main():
+                path = store.save(spec.key, row.name, seed, record)
+                store.checkpoint_path(spec.key, row.name, seed).unlink(missing_ok=True)
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items())
+                status = record["status"] if record["status"] != "ok" else shown
+                log(f"{head}: {status} ({record['wall_time_s']:.0f}s) -> {path}")
+    return store
+
+
+def resolved_settings(spec: Spec, profile_name: str) -> list[tuple[Row, Setting, RunConfig]]:
+    profile = get_profile(profile_name)
+    return [(row, spec.setting(row), profile.resolve(spec.setting(row))) for row in spec.rows]
