@@ -1,0 +1,39 @@
+"""Renderer: deltas, the verdict rule, n/a for unknown paper numbers, "—" for rows not run."""
+from replicate.render import RowStats, render_table, verdict
+from replicate.results import ResultStore
+from replicate.spec import find_spec, load_spec
+
+
+def rows(*vals):
+    return RowStats([{"status": "ok", "metrics": {"linear": v}} for v in vals])
+
+
+def test_verdict_rule():
+    base = rows(70.0, 70.2, 69.8)
+    assert verdict(-1.6, rows(68.0, 68.1, 67.9), base, "linear").startswith("reproduces")
+    assert verdict(-1.6, rows(72.0, 72.1, 71.9), base, "linear").startswith("opposite")
+    assert verdict(-1.6, rows(70.1, 69.9, 70.0), base, "linear").startswith("within noise")
+    assert verdict(-1.6, rows(68.0), base, "linear") == "? (1 seed)"
+    assert verdict(None, rows(68.0, 68.0), base, "linear").startswith("n/a")
+    assert "(paper Δ small)" in verdict(-0.2, rows(68.0, 68.1, 67.9), base, "linear")
+
+
+def test_unrun_table_shows_paper_numbers_and_dashes(tmp_path):
+    spec = load_spec(find_spec("table3"))
+    text = render_table(spec, ResultStore(tmp_path, "reduced"))
+    assert "72.5" in text and "n/a" in text  # lr 3e-4 has no paper number
+    assert "—" in text
+    assert not (tmp_path / "reduced").exists()  # nothing written for a table without results
+
+
+def test_rendered_deltas_from_results(tmp_path):
+    spec = load_spec(find_spec("table8"))
+    store = ResultStore(tmp_path, "smoke")
+    for seed, (a, b) in enumerate([(80.0, 78.0), (81.0, 78.5), (80.5, 77.5)]):
+        store.save(spec.key, "with_pred", seed, {"status": "ok", "metrics": {"linear": a}})
+        store.save(spec.key, "no_pred", seed, {"status": "ok", "metrics": {"linear": b}})
+    text = render_table(spec, store, write=True)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| w/o pred"))
+    assert "-1.0" in line  # paper: 75.5 - 76.5
+    assert "-2.5" in line and "reproduces" in line  # ours: 78.0 - 80.5
+    assert (tmp_path / "smoke" / "table8.md").read_text().strip() == text.strip()
