@@ -20,12 +20,14 @@ from .config import RunConfig
 def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """The official moco-v3 ``build_2d_sincos_position_embedding``: [sin(w), cos(w), sin(h), cos(h)], dim/4 each.
 
-    Returns (grid_h * grid_w, dim), row-major over (h, w) like the patch sequence.
+    Returns (grid_h * grid_w, dim) in the official order: ``meshgrid(w, h)`` with torch's default 'ij' indexing,
+    flattened w-major. On the square grids used here that gives a patch's row to the "w" quarter and its column to
+    the "h" quarter: a fixed channel permutation of the (h, w) order, kept so the table is bit-identical.
     """
     if dim % 4:
         raise ValueError(f"embed dim {dim} must be divisible by 4 for 2-D sin-cos position embedding")
     grid_w_, grid_h_ = torch.meshgrid(torch.arange(grid_w, dtype=torch.float32),
-                                      torch.arange(grid_h, dtype=torch.float32), indexing="xy")
+                                      torch.arange(grid_h, dtype=torch.float32), indexing="ij")
     pos_dim = dim // 4
     omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
     out_w = grid_w_.flatten()[:, None] * omega[None]
@@ -33,11 +35,19 @@ def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
 
 
-class TokenBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the channel dim of (B, N, C) token tensors: ViT-BN's replacement for the MLP-block LN."""
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the channel dim of (B, N, C) token tensors: ViT-BN's replacement for the MLP-block LN.
+
+    Wraps a BatchNorm1d rather than subclassing it: ``SyncBatchNorm.convert_sync_batchnorm`` then swaps only the
+    inner BN and the transpose survives (a subclass would be replaced whole and normalise over tokens).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
 
 
 def build_vit(cfg: RunConfig, num_classes: int = 0, drop_path_rate: float = 0.0) -> nn.Module:
