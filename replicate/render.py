@@ -182,17 +182,28 @@ def _transfer_verdict(pd, ours: RowStats, base: RowStats, metrics: list[str]) ->
     return DASH
 
 
-INSTABILITY_HEADERS: list[str] = []
+INSTABILITY_HEADERS: list[str] = ["kNN dips", "max dip", "grad spikes 1st/last", "1st leads by"]
 
 
 def _instability_cells(ours: RowStats) -> list[str]:
-    """Hook for the instability columns (dips, spikes); empty until the observatory fills it in."""
-    return []
+    """The instability columns (replicate/instability.py): kNN-monitor dips (mean over seeds, "k unrec." =
+    runs ending below their best), the deepest dip (points), gradient spikes of the first/last layer (mean over
+    seeds) and the median lead of first-layer spikes over the last layer's (iterations)."""
+    from .instability import aggregate
+
+    agg = aggregate(ours.records)
+    if agg is None:
+        return [DASH] * len(INSTABILITY_HEADERS)
+    dips = f"{agg['n_dips']:.3g}" + (f" ({agg['unrecovered']} unrec.)" if agg["unrecovered"] else "")
+    lead = DASH if agg["first_leads_by"] is None else f"{agg['first_leads_by']:+g} it"
+    return [dips, f"{agg['max_depth']:.1f}", f"{agg['spikes_first']:.3g} / {agg['spikes_last']:.3g}", lead]
 
 
 def _figures(spec: Spec, store: ResultStore, records: dict) -> list[str]:
-    """Hook for the PNG figures embedded under a table; empty until the observatory fills it in."""
-    return []
+    """The PNG figures under a table (replicate/figures.py), written next to its markdown."""
+    from .figures import write_figures
+
+    return write_figures(spec, store, records)
 
 
 def _footer(spec: Spec, store: ResultStore, transfer: bool) -> list[str]:

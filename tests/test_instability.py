@@ -1,0 +1,150 @@
+"""Instability observatory: kNN dips, gradient spikes and their lead, the table columns and the figures."""
+import json
+
+import numpy as np
+import pytest
+
+from replicate.instability import aggregate, find_dips, find_spikes, spike_lead, summarize
+from replicate.render import INSTABILITY_HEADERS, render_table
+from replicate.results import ResultStore
+from replicate.spec import find_spec, load_spec
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rising(n: int, noise: float, seed: int = 0) -> np.ndarray:
+    """A saturating learning curve (20 -> 70, flat after ~n/2) with Gaussian noise of sd ``noise``."""
+    t = np.arange(n)
+    return 20 + 50 * (1 - np.exp(-t / (n / 8))) + np.random.default_rng(seed).normal(0, noise, n)
+
+
+def with_dip(acc: np.ndarray, at: int, depth: float, length: int) -> np.ndarray:
+    acc = acc.copy()
+    acc[at:at + length] -= depth
+    return acc
+
+
+def grad_series(n: int, spikes: list[int], seed: int, height: float = 10.0) -> np.ndarray:
+    """A relative-gradient series: ~0.1 with 5% multiplicative noise, x``height`` for 3 iterations per spike."""
+    g = 0.1 * np.exp(np.random.default_rng(seed).normal(0, 0.05, n))
+    for t in spikes:
+        g[t:t + 3] *= height
+    return g
+
+
+def test_dips_are_found_with_their_depths():
+    plateau = 70 + np.random.default_rng(0).normal(0, 0.2, 100)  # flat: depth = the drop we put in
+    acc = with_dip(with_dip(plateau, 40, 4.0, 5), 70, 6.0, 5)  # 5 samples: outlast the median of 5
+    out = find_dips(np.arange(100) * 20, acc)
+    assert out["n_dips"] == 2
+    assert [d["depth"] for d in out["dips"]] == pytest.approx([4.0, 6.0], abs=0.8)
+    assert out["max_depth"] == pytest.approx(6.0, abs=0.8)
+    assert [d["bottom"] // 20 for d in out["dips"]] == pytest.approx([42, 72], abs=2)  # steps, not indices
+    assert not out["unrecovered"]
+
+
+def test_drop_at_the_end_is_unrecovered_not_a_dip():
+    acc = rising(60, 0.2)
+    acc[-5:] -= 5.0
+    out = find_dips(range(60), acc)
+    assert out["n_dips"] == 0 and out["unrecovered"]
+    assert out["final_gap"] == pytest.approx(5.0, abs=1.0)
+
+
+def test_no_dips_on_smooth_or_noisy_monotone_curves():
+    assert find_dips(range(80), rising(80, 0.0))["n_dips"] == 0
+    assert find_dips(range(80), rising(80, 0.3))["n_dips"] == 0
+    one_bad_sample = rising(80, 0.2)
+    one_bad_sample[30] -= 10  # a single outlier sample is noise, not a dip: it must persist
+    assert find_dips(range(80), one_bad_sample)["n_dips"] == 0
+    # A monitor with a small batch: sd 2 points. A fixed 1-point threshold counts noise as dips; the
+    # noise-aware threshold (mostly) does not.
+    noisy = [rising(100, 2.0, seed) for seed in range(10)]
+    assert np.mean([find_dips(range(100), a, noise_k=0.0)["n_dips"] for a in noisy]) > 2
+    auto = [find_dips(range(100), a) for a in noisy]
+    assert np.mean([o["n_dips"] for o in auto]) <= 0.3 and min(o["threshold"] for o in auto) > 2.0
+
+
+def test_spikes_found_and_first_layer_leads():
+    first = grad_series(1000, [300, 700], seed=0)
+    last = grad_series(1000, [330, 725], seed=1)
+    f, la = find_spikes(first), find_spikes(last)
+    assert f["onsets"] == [300, 700] and la["onsets"] == [330, 725]
+    assert f["max_ratio"] == pytest.approx(10.0, rel=0.3)
+    lead = spike_lead(f["onsets"], la["onsets"])
+    assert lead["n_pairs"] == 2 and lead["first_leads_by"] == 27.5
+    assert spike_lead(la["onsets"], f["onsets"])["first_leads_by"] == -27.5  # the other layer first: negative
+    assert spike_lead([100], [400])["n_pairs"] == 0  # too far apart to be one event
+
+
+def test_no_spikes_on_noisy_smooth_gradients():
+    for seed in range(3):
+        drifting = grad_series(3000, [], seed) * np.linspace(1.0, 3.0, 3000)  # slow drift, not a spike
+        assert find_spikes(drifting)["n_spikes"] == 0
+    assert find_spikes(np.full(500, 0.1))["n_spikes"] == 0  # constant: no zero-MAD false alarms
+
+
+def synthetic_curves(n_iter: int, dips: list[tuple[int, float]], first_spikes: list[int], lag: int,
+                     seed: int) -> dict:
+    """Monitor curves as TrainingMonitor.curves() writes them: kNN every 20 iterations."""
+    steps = list(range(19, n_iter, 20))
+    acc = rising(len(steps), 0.3, seed)
+    for at, depth in dips:
+        acc = with_dip(acc, at, depth, 3)
+    first = grad_series(n_iter, first_spikes, seed)
+    last = grad_series(n_iter, [t + lag for t in first_spikes], seed + 100)
+    series = {"loss": list(np.linspace(9, 7, n_iter)), "grad_first_rel": list(first),
+              "grad_last_rel": list(last)}
+    return {"series": series, "knn_steps": steps, "knn_acc": list(acc)}
+
+
+def test_summary_is_json_ready_and_aggregates_over_seeds():
+    assert summarize(None) is None
+    runs = [synthetic_curves(1000, [(30, 5.0)], [400], 30, seed=0),
+            synthetic_curves(1000, [(25, 3.0), (40, 4.0)], [400, 800], 20, seed=1)]
+    sums = [summarize(c) for c in runs]
+    assert json.loads(json.dumps(sums)) == sums
+    agg = aggregate([{"instability": s} for s in sums])
+    assert agg["n_dips"] == 1.5 and agg["max_depth"] == pytest.approx(5.0, abs=1.0)
+    assert agg["spikes_first"] == 1.5 and agg["first_leads_by"] == 25.0
+    assert aggregate([{"curves": runs[0]}])["n_dips"] == 1  # old records: computed from the curves
+
+
+def test_table_columns_and_figures_from_results(tmp_path):
+    spec = load_spec(find_spec("table4"))
+    store = ResultStore(tmp_path, "smoke")
+    for seed in range(2):
+        for i, row in enumerate(spec.rows[4:6]):
+            dips = [(30, 6.0)] if i == 0 else []
+            curves = synthetic_curves(1000, dips, [400] if i == 0 else [], 30, seed)
+            store.save(spec.key, row.name, seed, {"status": "ok", "metrics": {"linear": 70.0 + i + seed},
+                                                  "seed": seed, "curves": curves, "instability": summarize(curves)})
+    text = render_table(spec, store, write=True)
+    header = next(ln for ln in text.splitlines() if ln.startswith("| row"))
+    assert all(h in header for h in INSTABILITY_HEADERS)
+    ref = next(ln for ln in text.splitlines() if ln.startswith("| MoCo v3, lr 1.5e-4, learned"))
+    cells = [c.strip() for c in ref.split("|")]
+    dips, depth, spikes, lead = cells[-5:-1]
+    assert (dips, spikes, lead) == ("1", "1 / 1", "+30 it") and float(depth) == pytest.approx(6.0, abs=0.8)
+    for kind in ("knn", "grad", "delta"):
+        png = tmp_path / "smoke" / f"table4_{kind}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+        assert f"]({png.name})" in text  # embedded with a link relative to table4.md
+
+
+@pytest.mark.smoke
+def test_smoke_run_records_instability_and_renders_figures(tmp_path):
+    from replicate.runner import run_table
+
+    spec = load_spec(find_spec("table4"))
+    spec = spec.model_copy(update={"rows": spec.rows[4:6], "reference": "mocov3_lr1.5e-4_learned"})
+    store = run_table(spec, "smoke", results_root=tmp_path, progress=False)
+    rec = store.load(spec.key, "mocov3_lr1.5e-4_random", 0)
+    assert rec["instability"]["knn"]["n_dips"] >= 0 and "first_leads_by" in rec["instability"]["grad"]
+    assert len(rec["curves"]["series"]["grad_first_rel"]) == rec["iterations"]
+    text = render_table(spec, store, write=True)
+    assert "kNN dips" in text and "grad spikes 1st/last" in text
+    for kind in ("knn", "grad", "delta"):
+        png = tmp_path / "smoke" / f"table4_{kind}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "table4_knn.png" in (tmp_path / "smoke" / "table4.md").read_text()
