@@ -106,7 +106,7 @@ SMOKE = Profile(
     batch_scale=1 / 64, lr_scale=10.0, epoch_scale=1 / 150, crop_min=0.5, blur_sigma=(0.1, 0.5),
     metrics=("knn", "linear"), linear_protocol="cached", linear_epochs=10, linear_batch=128,
     linear_base_lr=0.5, monitor_every=5, checkpoint_every=0,
-    transfer_targets=("digits", "fmnist_disjoint"),
+    transfer_targets=("digits_disjoint", "digits"),  # pretraining sees digits 0-4 only (evals/transfer.py)
     notes="scikit-learn digits upscaled to 16x16, a one-block ViT: checks the code path, not the science.",
 )
 
