@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import LaunchError, shutdown
     from .results import ResultsError
     from .spec import SpecError, all_specs, find_spec, load_spec
 
@@ -71,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(render_table(spec, store, write=True))
         return 0
-    except (SpecError, DataError, ResultsError, CheckpointError) as e:
+    except (SpecError, DataError, ResultsError, CheckpointError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished rows are saved; checkpoints let the current row resume", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # leave the torchrun process group cleanly (a no-op in a single process)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,29 @@
-"""Atomic checkpoints (temp file + fsync + rename) that refuse to be used for a different run or when corrupt."""
+"""Atomic checkpoints (temp file + fsync + rename) that refuse to be used for a different run or when corrupt.
+
+A checkpoint holds everything the rest of a run depends on: model (online and momentum encoders, BN buffers),
+optimizer state, the step (which fixes the lr/momentum schedules and, through ``TensorBatches``, the data and its
+augmentation), the RNG states, the monitor's curves, kNN bank and not-yet-flushed stats, and the wall time so far.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import RunConfig
 
+# Fields that change when a run saves, not what it computes: a different interval may resume a checkpoint.
+NOT_FINGERPRINTED = {"checkpoint_every"}
+
 
 def config_fingerprint(cfg: RunConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(cfg.model_dump_json(exclude=NOT_FINGERPRINTED).encode()).hexdigest()[:16]
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -31,16 +41,35 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def save_checkpoint(path, cfg: RunConfig, model, optimizer, monitor, step: int, wall_time_s: float) -> None:
     atomic_torch_save({
         "fingerprint": config_fingerprint(cfg), "step": step, "wall_time_s": wall_time_s,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "monitor": monitor.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        # the stats tracked since the monitor's last flush: saving them, rather than flushing at every checkpoint,
+        # keeps the monitor's flush (and kNN) steps, hence its curves, the same however a run was interrupted
+        "monitor_pending": [t.cpu() for t in monitor.pending],
+        "rng": rng_states(),
     }, path)
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+REQUIRED_KEYS = {"fingerprint", "step", "wall_time_s", "model", "optimizer", "monitor", "monitor_pending", "rng"}
 
 
 def load_checkpoint(path, cfg: RunConfig) -> dict:
@@ -50,7 +79,7 @@ def load_checkpoint(path, cfg: RunConfig) -> dict:
     reason = None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "fingerprint" not in state:
+        if not isinstance(state, dict) or not REQUIRED_KEYS <= state.keys():
             reason = "not a checkpoint of this suite"
         elif state["fingerprint"] != config_fingerprint(cfg):
             reason = "written for a different configuration"

@@ -37,6 +37,12 @@ class TensorSplit:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return TensorSplit(self.images[idx], self.labels[idx])
 
+    def fixed_subset(self, n: int | None) -> "TensorSplit":
+        """The first ``n`` of a fixed permutation: the same images for every row, seed and evaluator."""
+        if not n or n >= len(self):
+            return self
+        return self.subset(torch.randperm(len(self), generator=torch.Generator().manual_seed(1234))[:n])
+
     def without_classes(self, classes) -> "TensorSplit":
         if not classes:
             return self

@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import os
+import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+# torch.distributed.nn.functional is deprecated in favour of the private _functional_collectives, whose backward
+# needs explicit waits; the public autograd collectives still work and are what this module uses.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_", category=FutureWarning)
+
+
+class LaunchError(ValueError):
+    """A run that cannot start as launched (world size, environment knobs); shown as a one-line error."""
 
 
 def is_dist() -> bool:
@@ -26,17 +37,38 @@ def is_main() -> bool:
 def init_from_env() -> torch.device:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); plain single process otherwise.
 
-    NCCL when CUDA is present, gloo on CPU, so the same command scales from a laptop to many nodes.
+    NCCL when CUDA is present, gloo on CPU, so the same command scales from a laptop to many nodes. Idempotent.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_dist():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        # Rank 0 evaluates alone after each row (a 90-epoch linear probe at paper scale) while the others wait
+        # in the next collective: the default 10-minute NCCL timeout would kill them.
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=12))
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def shutdown() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every process (decisions that must agree: skip a row, trust a checkpoint)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @torch.no_grad()
@@ -64,3 +96,47 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= world_size()
     return x
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Global-batch BatchNorm for gloo runs on CPU, where torch's SyncBatchNorm refuses to run (and DDP refuses
+    CPU modules that contain one). The batch sum and centred sum of squares go through differentiable
+    all-reduces, whose backward sums the statistics' gradients over processes, as torch's CUDA kernel does.
+    Outside distributed training (eval, one process) it is plain BatchNorm."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {x.dim()}-D)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_dist()):
+            return super().forward(x)
+        import torch.distributed.nn.functional as dfn
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        totals = dfn.all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))
+        count, mean = totals[-1], totals[:-1] / totals[-1]
+        centred = x - mean.view(shape)
+        var = dfn.all_reduce((centred * centred).sum(dims)) / count  # biased, as batch norm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean, f)
+                self.running_var.lerp_(var * count / (count - 1), f)  # unbiased, as torch stores it
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm (heads, ViT-BN blocks, the momentum encoder's copies) computes global-batch statistics,
+    as the official code's ``convert_sync_batchnorm``: torch's SyncBatchNorm on GPUs, ``CPUSyncBatchNorm`` on CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.__class__ = CPUSyncBatchNorm  # same parameters and buffers, only forward differs: keys unchanged
+    return module

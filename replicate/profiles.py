@@ -90,9 +90,9 @@ REDUCED_ARCHS = {
     "vit_huge": (192, 8, 6),
 }
 REDUCED = Profile(
-    name="reduced", dataset="fashion_mnist", image_size=28, in_chans=1, num_classes=10, train_subset=None,
+    name="reduced", dataset="fashion_mnist", image_size=28, in_chans=1, num_classes=10, train_subset=10_000,
     archs=REDUCED_ARCHS, patch_map={16: 7, 14: 7, 7: 4}, head_hidden=512, head_out=128,
-    batch_scale=1 / 16, lr_scale=10.0, epoch_scale=1 / 30, crop_min=0.35, blur_sigma=(0.1, 0.6),
+    batch_scale=1 / 16, lr_scale=10.0, epoch_scale=7 / 300, crop_min=0.35, blur_sigma=(0.1, 0.6),
     metrics=("knn", "linear"), linear_protocol="cached", linear_epochs=30, linear_batch=256,
     linear_base_lr=0.5, monitor_every=20, checkpoint_every=200,
     transfer_targets=("digits", "fmnist_disjoint"),

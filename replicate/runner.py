@@ -1,6 +1,7 @@
 """Run a study: every (row, seed) of a spec at one profile -> pretrain -> evaluate -> one result file each."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -9,6 +10,7 @@ import torch
 from . import distributed as D
 from .config import RunConfig, Setting
 from .data import is_tensor_dataset, load_tensor_dataset
+from .instability import summarize
 from .profiles import Profile, get_profile
 from .results import ResultStore, provenance
 from .spec import Row, Spec
@@ -21,7 +23,9 @@ def log(msg: str) -> None:
 
 
 def eval_splits(cfg: RunConfig, data_root: str | None):
+    """The pretraining images (same subset) with labels as the kNN bank / probe training set, and the test set."""
     train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
+    train = train.fixed_subset(cfg.train_subset)
     test = load_tensor_dataset(cfg.dataset, "test", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
     return train, test
 
@@ -92,6 +96,7 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
         result = pretrain(cfg, data_root, store.checkpoint_path(spec.key, row.name, seed), progress)
         record.update(status=result.status, diverged_at=result.diverged_at, iterations=result.iterations,
                       pretrain_s=round(result.wall_time_s, 1), curves=result.monitor)
+        record["instability"] = summarize(result.monitor)
         record["metrics"] = (evaluate_backbone(cfg, result.model.backbone, data_root, progress)
                              if result.status == "ok" and D.is_main() else {})
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -103,6 +108,7 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
 def run_table(spec: Spec, profile_name: str, seeds: int = 1, force: bool = False, data_root: str | None = None,
               results_root=None, progress: bool = True) -> ResultStore:
     profile = get_profile(profile_name)
+    D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     store = ResultStore(results_root, profile.name)
     if D.is_main():
         store.check_writable()
@@ -112,8 +118,9 @@ def run_table(spec: Spec, profile_name: str, seeds: int = 1, force: bool = False
     jobs = [(row, seed) for row in spec.rows for seed in range(seeds)]
     for n, (row, seed) in enumerate(jobs, 1):
         head = f"[{profile.name} {spec.key} {n}/{len(jobs)}] {row.name} seed {seed}"
-        with store.lock(spec.key, row.name, seed):
-            if not force and store.exists(spec.key, row.name, seed):
+        # only rank 0 takes the row lock (the others would wait on it forever) and tells them whether to skip
+        with store.lock(spec.key, row.name, seed) if D.is_main() else contextlib.nullcontext():
+            if D.broadcast_from_main(not force and store.exists(spec.key, row.name, seed)):
                 log(f"{head}: done already (use --force to re-run)")
                 continue
             log(f"{head}: running")

@@ -3,9 +3,17 @@
 One iteration (Alg. 1): two augmented views -> loss (momentum update inside the model's forward, as the official
 code) -> AdamW/LAMB/LARS step, with lr and momentum read from per-iteration schedules. Around it: a progress bar,
 the instability monitor, atomic checkpoints with automatic resume, and divergence detection.
+
+Distributed (``torchrun``; gloo on CPU, NCCL on GPU): DDP over the online encoder, global-batch BatchNorm
+statistics (SyncBN, as the official code), keys all-gathered by the loss, per-process batch = global / world.
+A run is the same computation at any world size: each process draws the same global batch and augments it with one
+generator seeded by (seed, step), then keeps its slice; the monitor sees all-reduced losses and all-gathered
+features. Only rank 0 writes (checkpoints, logs, results).
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed as D
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_states
 from .config import RunConfig
 from .data import channel_stats, is_tensor_dataset, load_tensor_dataset
 from .moco import SelfSupervisedViT
@@ -43,19 +51,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+CHECKPOINT_EVERY_ENV = "REPLICATE_CHECKPOINT_EVERY"
+
+
+def checkpoint_interval(cfg: RunConfig) -> int:
+    """The profile's ``checkpoint_every``, or ``$REPLICATE_CHECKPOINT_EVERY`` when set (0 = only when stopped early).
+
+    A runtime knob like --quiet: it changes when a run saves, never what it computes, so it is not part of the
+    checkpoint fingerprint and a run may resume under a different interval.
+    """
+    env = os.environ.get(CHECKPOINT_EVERY_ENV)
+    if env is None or env == "":
+        return cfg.checkpoint_every
+    try:
+        every = int(env)
+    except ValueError:
+        every = -1
+    if every < 0:
+        raise D.LaunchError(f"${CHECKPOINT_EVERY_ENV} must be a non-negative integer (got {env!r})")
+    return every
+
+
 class TensorBatches:
     """Epoch-seeded permutations of an in-memory dataset, sharded over processes; resumable at any step."""
 
     def __init__(self, cfg: RunConfig, data_root: str | None, device: torch.device):
         train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size)
-        train = train.without_classes(cfg.exclude_classes)
-        if cfg.train_subset:
-            g = torch.Generator().manual_seed(1234)  # the subset is fixed across seeds and rows
-            train = train.subset(torch.randperm(len(train), generator=g)[: cfg.train_subset])
+        train = train.without_classes(cfg.exclude_classes).fixed_subset(cfg.train_subset)  # same for every row
         self.images, self.labels = train.images.to(device), train.labels.to(device)
         self.cfg, self.device = cfg, device
         if cfg.batch_size % D.world_size():
-            raise ValueError(f"batch {cfg.batch_size} is not divisible by world size {D.world_size()}")
+            raise D.LaunchError(f"batch {cfg.batch_size} is not divisible by the {D.world_size()} processes")
         self.local_batch = cfg.batch_size // D.world_size()
         self.iters_per_epoch = len(self.labels) // cfg.batch_size  # drop_last, as the official loader
         if self.iters_per_epoch == 0:
@@ -66,14 +92,20 @@ class TensorBatches:
         self.augment = TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std)
 
     def batch(self, step: int):
-        """The views for global iteration ``step``: a pure function of (seed, step), hence exact resume."""
+        """This process's slice of the views for global iteration ``step``.
+
+        A pure function of (seed, step), hence exact resume; and independent of the world size: the whole global
+        batch is augmented with one generator and each process keeps its slice (augmenting a global batch of small
+        in-memory images costs little next to the model, and per-rank generators would make a 2-process run
+        train on different views than a 1-process run).
+        """
         epoch, i = divmod(step, self.iters_per_epoch)
         perm = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
-        start = i * self.cfg.batch_size + D.rank() * self.local_batch
-        idx = perm[start: start + self.local_batch].to(self.device)
-        g = torch.Generator(device=self.device).manual_seed((self.cfg.seed * 7919 + step) * 4 + D.rank())
+        idx = perm[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size].to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 7919 + step)
         x1, x2 = self.augment(self.images[idx], g)
-        return x1, x2, self.labels[idx]
+        mine = slice(D.rank() * self.local_batch, (D.rank() + 1) * self.local_batch)
+        return x1[mine], x2[mine], self.labels[idx][mine]
 
 
 class FolderBatches:
@@ -88,6 +120,8 @@ class FolderBatches:
         self.ds = ImageFolder(str(imagenet_folder(data_root, "train")),
                               transform=two_view_pil_transforms(cfg.image_size, cfg.crop_min))
         self.cfg, self.device = cfg, device
+        if cfg.batch_size % D.world_size():
+            raise D.LaunchError(f"batch {cfg.batch_size} is not divisible by the {D.world_size()} processes")
         self.local_batch = cfg.batch_size // D.world_size()
         self.iters_per_epoch = len(self.ds) // cfg.batch_size
         self._epoch, self._it = None, None
@@ -112,10 +146,25 @@ def make_batches(cfg: RunConfig, data_root: str | None, device: torch.device):
     return cls(cfg, data_root, device)
 
 
+def restore_checkpoint(ckpt_path: Path | None, cfg: RunConfig) -> dict | None:
+    """The checkpoint to resume from, or None. Rank 0 validates it (moving a corrupt or foreign file aside) and
+    tells the others, so every process resumes from the same step or none does."""
+    state = None
+    if D.is_main() and ckpt_path is not None and Path(ckpt_path).exists():
+        try:
+            state = load_checkpoint(ckpt_path, cfg)
+        except CheckpointError:
+            state = None
+    if D.broadcast_from_main(state is not None) and not D.is_main():
+        state = load_checkpoint(ckpt_path, cfg)
+    return state
+
+
 def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | None = None,
              progress: bool = True, max_steps: int | None = None) -> PretrainResult:
-    """Pretrain one row. Resumes from ``ckpt_path`` if a valid checkpoint is there; ``max_steps`` stops early
-    (used by tests to simulate an interrupted run)."""
+    """Pretrain one row. Resumes from ``ckpt_path`` if a valid checkpoint is there, and checkpoints to it every
+    ``checkpoint_interval(cfg)`` iterations; ``max_steps`` stops early and checkpoints (tests simulate an
+    interrupted run with it)."""
     device = D.init_from_env()
     seed_everything(cfg.seed)
     batches = make_batches(cfg, data_root, device)
@@ -123,25 +172,31 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     total = cfg.epochs * ipe
     lrs = lr_schedule(cfg.lr, cfg.epochs, cfg.warmup_epochs, ipe)
     ms = momentum_schedule(cfg.setting.momentum, cfg.epochs, ipe, cfg.setting.momentum_schedule == "cosine")
+    every = checkpoint_interval(cfg)
 
     model = SelfSupervisedViT(cfg).to(device)
     if D.is_dist():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = D.convert_sync_batchnorm(model, device)
     optimizer = build_optimizer(cfg, model)
-    monitor = TrainingMonitor(cfg, model, ipe * cfg.batch_size, lrs, ms)
+    # The monitor flushes on its own schedule only (checkpoints save its pending stats instead), so its curves do
+    # not depend on the checkpoint interval or on where a run was interrupted.
+    monitor = TrainingMonitor(cfg.model_copy(update={"checkpoint_every": 0}), model, ipe * cfg.batch_size, lrs, ms)
     start, t_offset = 0, 0.0
-    state = None
-    if ckpt_path is not None and Path(ckpt_path).exists():
-        try:
-            state = load_checkpoint(ckpt_path, cfg)
-        except CheckpointError:
-            state = None
+    state = restore_checkpoint(ckpt_path, cfg)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         monitor.load_state_dict(state["monitor"])
-        torch.set_rng_state(state["torch_rng"])
+        monitor.pending = [t.to(device) for t in state["monitor_pending"]]
+        set_rng_states(state["rng"])
         start, t_offset = state["step"], state["wall_time_s"]
+        if D.is_main():
+            print(f"resuming {cfg.setting.framework} seed {cfg.seed} from step {start}/{total} ({ckpt_path})",
+                  file=sys.stderr, flush=True)
+        del state
+    # Frozen parameters (random patch projection, sin-cos table, momentum encoder) have requires_grad=False, so
+    # DDP never waits for their gradients; every trainable one is used by every framework, so no
+    # find_unused_parameters. The momentum update inside forward touches only non-DDP (frozen) parameters.
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if D.is_dist() else model)
     use_amp = device.type == "cuda"
@@ -152,6 +207,12 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     t0 = time.perf_counter()
     status, diverged_at = "ok", None
     end = total if max_steps is None else min(total, max_steps)
+    trained = end
+
+    def save(step: int) -> None:
+        if D.is_main():
+            save_checkpoint(ckpt_path, cfg, model, optimizer, monitor, step, t_offset + time.perf_counter() - t0)
+
     bar = tqdm(range(start, end), initial=start, total=total, disable=not (progress and D.is_main()),
                desc=f"pretrain {cfg.setting.framework} seed {cfg.seed}", unit="it", leave=False, dynamic_ncols=True)
     model.train()
@@ -163,21 +224,20 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
             loss, feats = ddp(x1, x2, float(ms[step]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        monitor.track(loss)  # device-side stats only: no host sync on ordinary steps
-        if monitor.should_flush(step, end):
-            if not monitor.flush(step, feats, y):
-                status, diverged_at = "diverged", monitor.diverged_at
+        # the global-batch loss: every process sees the same value, so all stop at the same step on divergence
+        monitor.track(D.all_reduce_mean(loss.detach()))
+        if monitor.should_flush(step, total):
+            if not monitor.flush(step, D.gather_no_grad(feats), D.gather_no_grad(y)):
+                status, diverged_at, trained = "diverged", monitor.diverged_at, step  # this step's update not applied
                 break
             bar.set_postfix(loss=f"{monitor.last_loss:.3f}",
                             knn=f"{monitor.last_knn:.1f}" if monitor.last_knn is not None else "-")
         optimizer.step()
         done = step + 1
-        if ckpt_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
-            if D.is_main():
-                save_checkpoint(ckpt_path, cfg, model, optimizer, monitor, done,
-                                t_offset + time.perf_counter() - t0)
+        if ckpt_path is not None and every and done % every == 0 and done < total:
+            save(done)
     bar.close()
-    if status == "ok" and ckpt_path is not None and max_steps is not None and end < total and D.is_main():
-        save_checkpoint(ckpt_path, cfg, model, optimizer, monitor, end, t_offset + time.perf_counter() - t0)
-    return PretrainResult(model=model, status=status, diverged_at=diverged_at, iterations=end,
+    if status == "ok" and ckpt_path is not None and end < total:
+        save(end)  # stopped early (max_steps): leave a checkpoint to resume from
+    return PretrainResult(model=model, status=status, diverged_at=diverged_at, iterations=trained,
                           wall_time_s=t_offset + time.perf_counter() - t0, monitor=monitor.curves())

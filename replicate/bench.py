@@ -1,0 +1,622 @@
+"""Performance bench: how fast the suite pretrains, against the machine's peak and a plain reference.
+
+``python -m replicate.bench [--out results/bench/README.md] [--quick]`` measures, in one process:
+1. MoCo v3 training-step throughput (images/s) of the reduced model at a few batch sizes and of ViT-B/16 at 224²,
+   with the suite's own pieces (``TwoViewBatchAugment``, ``SelfSupervisedViT``, ``build_optimizer``) on synthetic
+   in-memory images; warm-up steps are not timed.
+2. FLOPs per image of one training step (``torch.utils.flop_counter``) and the achieved fraction of the measured
+   matmul peak (fp32 2048² on CPU, bf16 8192² on CUDA).
+3. The batched augmentation alone; 4. faiss kNN against scikit-learn brute force on the same features;
+5. a plain reference: Algorithm 1 written straightforwardly (per-image PIL transforms in a DataLoader, eager timm
+   ViT, python-loop momentum update), same model size and batch; 6. torch.compile and thread-count variants;
+7. targets with PASS/FAIL, and the estimated time of every reduced table from the measured throughput.
+A markdown report goes to ``--out`` and the raw numbers to the same path with ``.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+
+from .augment import TwoViewBatchAugment
+from .config import RunConfig, Setting
+from .data import channel_stats
+from .moco import SelfSupervisedViT
+from .optim import build_optimizer
+from .profiles import PAPER, REDUCED
+
+FMNIST_TRAIN_IMAGES = 60000  # iterations per reduced epoch = 60000 // batch (drop_last, as the trainer)
+FMNIST_EVAL_IMAGES = 70000  # train + test features extracted after every pretraining row
+COMPILE_LIMIT_S = 120
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """How much to measure; ``quick`` is for the test suite (< 30 s), the default for the report (< 10 min)."""
+
+    batch_sizes: tuple[int, ...] = (64, 128, 256)
+    warmup: int = 2
+    steps: int = 5
+    vitb_batch: int = 2
+    vitb_steps: int = 2
+    pipeline_batches: int = 20
+    knn_train: int = 60000
+    knn_test: int = 10000
+    compile: bool = True
+    threads: bool = True
+    vitb: bool = True
+    plain_workers: tuple[int, ...] = (0, 1)
+
+    @classmethod
+    def quick(cls) -> BenchPlan:
+        return cls(batch_sizes=(16,), warmup=1, steps=1, pipeline_batches=1, knn_train=2000, knn_test=500,
+                   compile=False, threads=False, vitb=False, plain_workers=(0,))
+
+    @classmethod
+    def cuda(cls) -> BenchPlan:
+        return cls(batch_sizes=(256, 1024, 4096), warmup=5, steps=20, vitb_batch=64, vitb_steps=10)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reduced_config(batch: int | None = None, **setting) -> RunConfig:
+    cfg = REDUCED.resolve(Setting(**setting))
+    return cfg if batch is None else cfg.model_copy(update={"batch_size": batch})
+
+
+def paper_config(batch: int) -> RunConfig:
+    return PAPER.resolve(Setting()).model_copy(update={"batch_size": batch})
+
+
+# --------------------------------------------------------------------------------------------- machine peak
+def matmul_peak(device: torch.device, reps: int = 5) -> dict:
+    """Best-of-``reps`` FLOP/s of one large matmul: fp32 2048² on CPU, bf16 8192² on CUDA."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return {"what": f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul, best of {reps}",
+            "flops_per_s": 2 * n ** 3 / best}
+
+
+# ------------------------------------------------------------------------------------------- FLOP counting
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter():
+    """FlopCounterMode that also counts the CPU fused-attention kernels (torch only registers the CUDA ones)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+    })
+
+
+# ---------------------------------------------------------------------------------- the suite's training step
+class SuiteStep:
+    """One trainer iteration (``trainer.pretrain`` without monitor/checkpoints) on synthetic in-memory images."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, compile_backbones: bool = False):
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, device
+        self.model = SelfSupervisedViT(cfg).to(device).train()
+        if compile_backbones:
+            for module in (self.model.backbone, getattr(self.model, "momentum_backbone", None)):
+                if module is not None:
+                    module.compile()
+        self.optimizer = build_optimizer(cfg, self.model)
+        mean, std = channel_stats(cfg.dataset)
+        self.augment = TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std)
+        pool = min(4 * cfg.batch_size, max(cfg.batch_size, 2048))
+        self.images = torch.rand(pool, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.amp = device.type == "cuda"  # the trainer's bf16 autocast on GPU
+
+    def views(self):
+        idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=self.gen, device=self.device)
+        return self.augment(self.images[idx], self.gen)
+
+    def model_step(self, x1: torch.Tensor, x2: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss, _ = self.model(x1, x2, 0.99)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def __call__(self) -> None:
+        self.model_step(*self.views())
+
+
+def count_step_flops(cfg: RunConfig, batch: int | None = None) -> dict:
+    """FLOPs per source image of one training step's model compute (query fwd+bwd on both views, momentum
+    fwd, losses) and of one backbone forward (feature extraction), counted on the meta device: exact shapes, no
+    arithmetic, so even ViT-H costs nothing. The optimizer step and augmentation are elementwise: no FLOPs here."""
+    batch = batch or cfg.batch_size
+    with torch.device("meta"):
+        model = SelfSupervisedViT(cfg).train()
+        x1 = torch.empty(batch, cfg.in_chans, cfg.image_size, cfg.image_size)
+        x2 = torch.empty_like(x1)
+    with flop_counter() as step:
+        loss, _ = model(x1, x2, 0.99)
+        loss.backward()
+    with flop_counter() as fwd, torch.no_grad():
+        model.backbone.eval()(x1)
+    return {"train": step.get_total_flops() / batch, "forward": fwd.get_total_flops() / batch}
+
+
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> dict:
+    """Per-step wall times after ``warmup`` untimed steps; the median is robust to a shared, noisy machine."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"warmup_s": warm_s, "step_s": statistics.median(times), "steps": steps, "all_s": times}
+
+
+def suite_throughput(cfg: RunConfig, device: torch.device, plan: BenchPlan, compile_backbones=False) -> dict:
+    step = SuiteStep(cfg, device, compile_backbones)
+    t = time_steps(step, plan.warmup, plan.steps, device)
+    return {"batch": cfg.batch_size, "images_per_s": cfg.batch_size / t["step_s"], **t}
+
+
+# ------------------------------------------------------------------------------------ the plain reference
+class PlainTwoViewDataset(torch.utils.data.Dataset):
+    """Per-image PIL augmentation of 28x28 grayscale images, as a straightforward Algorithm 1 would load data."""
+
+    def __init__(self, images_u8: np.ndarray, cfg: RunConfig):
+        from PIL import ImageFilter, ImageOps
+        from torchvision import transforms as T
+
+        self.images = images_u8
+        lo, hi = cfg.blur_sigma
+
+        def blur(img):
+            return img.filter(ImageFilter.GaussianBlur(radius=float(np.random.uniform(lo, hi))))
+
+        mean, std = channel_stats(cfg.dataset)
+        common = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min, 1.0)),
+                  T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
+        tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+        self.view1 = T.Compose(common + [T.Lambda(blur)] + tail)
+        self.view2 = T.Compose(common + [T.RandomApply([T.Lambda(blur)], p=0.1),
+                                         T.RandomApply([T.Lambda(ImageOps.solarize)], p=0.2)] + tail)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        img = Image.fromarray(self.images[i])  # uint8 (H, W) -> mode "L"
+        return self.view1(img), self.view2(img)
+
+
+def plain_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+    """The official moco-v3 ``_build_mlp``, verbatim in structure."""
+    mlp = []
+    for layer in range(num_layers):
+        dim1 = input_dim if layer == 0 else mlp_dim
+        dim2 = output_dim if layer == num_layers - 1 else mlp_dim
+        mlp.append(nn.Linear(dim1, dim2, bias=False))
+        if layer < num_layers - 1:
+            mlp.append(nn.BatchNorm1d(dim2))
+            mlp.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            mlp.append(nn.BatchNorm1d(dim2, affine=False))
+    return nn.Sequential(*mlp)
+
+
+class PlainStep:
+    """Algorithm 1 of the paper written plainly: DataLoader of PIL views, eager timm ViT, loop momentum update."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, num_workers: int):
+        import timm
+
+        torch.manual_seed(0)
+        self.cfg, self.device, self.m, self.tau = cfg, device, 0.99, cfg.setting.temperature
+        base = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=cfg.image_size,
+                                 patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                                 depth=cfg.depth, num_heads=cfg.num_heads)
+        self.f_q = nn.Sequential(base, plain_mlp(3, cfg.embed_dim, cfg.head_hidden, cfg.head_out)).to(device)
+        self.predictor = plain_mlp(2, cfg.head_out, cfg.head_hidden, cfg.head_out).to(device)
+        self.f_k = copy.deepcopy(self.f_q)
+        for p in self.f_k.parameters():
+            p.requires_grad = False
+        params = [*self.f_q.parameters(), *self.predictor.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (max(4 * cfg.batch_size, 2048), cfg.image_size, cfg.image_size), np.uint8)
+        self.loader = torch.utils.data.DataLoader(PlainTwoViewDataset(images, cfg), batch_size=cfg.batch_size,
+                                                  shuffle=True, drop_last=True, num_workers=num_workers,
+                                                  persistent_workers=num_workers > 0)
+        self.it = iter(self.loader)
+
+    def next_batch(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def ctr(self, q, k):
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        logits = torch.einsum("nc,mc->nm", q, k) / self.tau
+        return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * 2 * self.tau
+
+    def __call__(self) -> None:
+        x1, x2 = self.next_batch()
+        x1, x2 = x1.to(self.device), x2.to(self.device)
+        q1, q2 = self.predictor(self.f_q(x1)), self.predictor(self.f_q(x2))
+        with torch.no_grad():
+            for p_k, p_q in zip(self.f_k.parameters(), self.f_q.parameters()):
+                p_k.data = p_k.data * self.m + p_q.data * (1.0 - self.m)
+            k1, k2 = self.f_k(x1), self.f_k(x2)
+        loss = self.ctr(q1, k2) + self.ctr(q2, k1)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+
+def plain_throughput(cfg: RunConfig, device: torch.device, plan: BenchPlan, num_workers: int) -> dict:
+    step = PlainStep(cfg, device, num_workers)
+    t = time_steps(step, plan.warmup, plan.steps, device)
+    return {"batch": cfg.batch_size, "num_workers": num_workers, "images_per_s": cfg.batch_size / t["step_s"], **t}
+
+
+# ----------------------------------------------------------------------------------- pipeline and kNN
+def pipeline_throughput(plan: BenchPlan, device: torch.device, batch: int = 256) -> dict:
+    cfg = reduced_config()
+    mean, std = channel_stats(cfg.dataset)
+    augment = TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std)
+    images = torch.rand(batch, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    t = time_steps(lambda: augment(images, g), 2, plan.pipeline_batches, device)
+    return {"batch": batch, "images_per_s": batch / t["step_s"], **t}
+
+
+def knn_comparison(plan: BenchPlan, k: int = 20, t: float = 0.07) -> dict:
+    """The suite's faiss kNN against scikit-learn brute-force cosine kNN with the same exp(sim/t) vote weights."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from evals.knn import knn_classify
+
+    g = torch.Generator().manual_seed(0)
+    # clustered random features, so that the vote is not a coin toss and agreement means something
+    centres = torch.randn(10, 128, generator=g)
+    ytr = torch.randint(10, (plan.knn_train,), generator=g)
+    yte = torch.randint(10, (plan.knn_test,), generator=g)
+    xtr = centres[ytr] + 2.0 * torch.randn(plan.knn_train, 128, generator=g)
+    xte = centres[yte] + 2.0 * torch.randn(plan.knn_test, 128, generator=g)
+    t0 = time.perf_counter()
+    pred_faiss = knn_classify(xtr, ytr, xte, k=k, t=t, num_classes=10)
+    faiss_s = time.perf_counter() - t0
+
+    clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine",
+                               weights=lambda d: np.exp((1.0 - d) / t))  # cosine distance = 1 - similarity
+    t0 = time.perf_counter()
+    pred_sk = torch.from_numpy(clf.fit(xtr.numpy(), ytr.numpy()).predict(xte.numpy()))
+    sklearn_s = time.perf_counter() - t0
+    return {"train": plan.knn_train, "test": plan.knn_test, "dim": 128, "k": k, "faiss_s": faiss_s,
+            "sklearn_s": sklearn_s, "agreement": (pred_faiss == pred_sk).float().mean().item(),
+            "faiss_acc": (pred_faiss == yte).float().mean().item(), "sklearn_acc": (pred_sk == yte).float().mean().item()}
+
+
+# ------------------------------------------------------------------------------- torch.compile, threads
+def child_throughput(plan: BenchPlan, batch: int, compile_backbones: bool = False, env: dict | None = None,
+                     limit_s: float = COMPILE_LIMIT_S + 60) -> dict:
+    """Reduced-model throughput in a child process: for torch.compile (a slow or failing compile cannot stall or
+    break the bench) and for OpenMP settings that only take effect at process start."""
+    code = ("import json, torch; from replicate import bench; "
+            f"plan = bench.BenchPlan(warmup={plan.warmup}, steps={plan.steps}); "
+            f"r = bench.suite_throughput(bench.reduced_config({batch}), torch.device('cpu'), plan, "
+            f"{compile_backbones}); print('RESULT ' + json.dumps(r))")
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                             timeout=limit_s,
+                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return {"status": f"gave up after {time.perf_counter() - t0:.0f} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"status": f"failed: {tail}"}
+    return {"status": "ok", **json.loads(lines[-1][7:])}
+
+
+def compiled_throughput(plan: BenchPlan, batch: int) -> dict:
+    r = child_throughput(plan, batch, compile_backbones=True)
+    if r["status"] == "ok" and r["warmup_s"] > COMPILE_LIMIT_S:
+        r["status"] = f"compile + warm-up took {r['warmup_s']:.0f} s (> {COMPILE_LIMIT_S} s limit)"
+    return r
+
+
+def threads_throughput(plan: BenchPlan, device: torch.device, batch: int) -> list[dict]:
+    """torch intra-op threads 1 vs all cores, and libgomp's passive wait policy (threads sleep at barriers
+    instead of spinning), which matters when other processes share the cores."""
+    rows, default = [], torch.get_num_threads()
+    for n in sorted({1, 2, default}):
+        torch.set_num_threads(n)
+        try:
+            r = suite_throughput(reduced_config(batch), device, plan)
+        finally:
+            torch.set_num_threads(default)
+        rows.append({"setting": f"torch.set_num_threads({n})", **r})
+    r = child_throughput(plan, batch, env={"OMP_WAIT_POLICY": "PASSIVE"})
+    rows.append({"setting": f"OMP_WAIT_POLICY=PASSIVE, {default} threads", **r})
+    return rows
+
+
+# ----------------------------------------------------------------------------------- table estimates
+def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: float) -> list[dict]:
+    """Time of one seed of every reduced table. Iterations come from ``REDUCED.resolve`` for each row; a row's
+    images/s is the reduced model's measured images/s at the nearest measured batch, scaled by the FLOPs/image
+    ratio of the reference model to the row's model (wider, deeper or /4 rows are slower in proportion)."""
+    from .spec import all_specs
+
+    flops_cache: dict[tuple, dict] = {}
+
+    def flops(cfg: RunConfig) -> dict:
+        # only these fields change the FLOPs per image (batch only through the O(batch) loss logits: negligible)
+        s = cfg.setting
+        key = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, s.framework, s.predictor,
+               s.pooling == "cls", s.patch_proj, s.proj_layers, s.pred_layers)
+        if key not in flops_cache:
+            flops_cache[key] = count_step_flops(cfg, batch=8)
+        return flops_cache[key]
+
+    out = []
+    for spec in all_specs():
+        total_s, iters = 0.0, 0
+        for row in spec.rows:
+            setting = spec.setting(row)
+            if spec.kind == "transfer" and setting.init != "pretrained":
+                continue  # random / supervised inits need no self-supervised pretraining
+            cfg = REDUCED.resolve(setting)
+            near = min(measured, key=lambda b: abs(math.log(b / cfg.batch_size)))
+            ips = measured[near] * flops(reduced_config(near))["train"] / flops(cfg)["train"]
+            n_iter = cfg.epochs * (FMNIST_TRAIN_IMAGES // cfg.batch_size)
+            total_s += n_iter * cfg.batch_size / ips
+            total_s += FMNIST_EVAL_IMAGES * flops(cfg)["forward"] / achieved_flops + knn_s  # features + kNN
+            iters += n_iter
+        note = "pretraining of the MoCo v3 row only; fine-tuning not included" if spec.kind == "transfer" else ""
+        out.append({"table": spec.key, "title": spec.title, "rows": len(spec.rows), "iterations": iters,
+                    "hours": total_s / 3600, "notes": note})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the report
+def run_bench(plan: BenchPlan, device: torch.device, log=print) -> dict:
+    t_start = time.perf_counter()
+    res: dict = {"plan": asdict(plan), "device": describe_device(device), "section_s": {},
+                 "load_before": os.getloadavg()}
+
+    def section(name: str, fn):
+        log(f"{name} ...")
+        t0 = time.perf_counter()
+        out = fn()
+        res["section_s"][name] = time.perf_counter() - t0
+        log(f"{name}: {res['section_s'][name]:.1f} s")
+        return out
+
+    res["peak"] = section("matmul peak", lambda: matmul_peak(device))
+    ref_batch = max(plan.batch_sizes)
+    res["reduced"] = section("reduced throughput", lambda: [
+        suite_throughput(reduced_config(b), device, plan) for b in plan.batch_sizes])
+    ref = next(r for r in res["reduced"] if r["batch"] == ref_batch)
+    res["reduced_flops_per_image"] = count_step_flops(reduced_config(ref_batch))["train"]
+    res["reduced_achieved_flops"] = res["reduced_flops_per_image"] * ref["images_per_s"]
+
+    if plan.vitb:
+        cfg = paper_config(plan.vitb_batch)
+        res["vitb"] = section("ViT-B/16 throughput", lambda: suite_throughput(
+            cfg, device, BenchPlan(warmup=1, steps=plan.vitb_steps)))
+        res["vitb"]["flops_per_image"] = count_step_flops(cfg)["train"]
+        res["vitb"]["achieved_flops"] = res["vitb"]["flops_per_image"] * res["vitb"]["images_per_s"]
+
+    res["pipeline"] = section("data pipeline", lambda: pipeline_throughput(plan, device))
+    res["knn"] = section("kNN", lambda: knn_comparison(plan))
+    res["plain"] = section("plain reference", lambda: [
+        plain_throughput(reduced_config(ref_batch), device, plan, w) for w in plan.plain_workers])
+    res["speedup_vs_plain"] = ref["images_per_s"] / max(r["images_per_s"] for r in res["plain"])
+
+    import timm.layers
+
+    res["fused_attn"] = bool(timm.layers.use_fused_attn())
+    if plan.threads and device.type == "cpu":
+        res["threads"] = section("threads", lambda: threads_throughput(BenchPlan(warmup=1, steps=3), device, 128))
+    if plan.compile and device.type == "cpu":
+        res["compile"] = section("torch.compile", lambda: compiled_throughput(plan, ref_batch))
+    res["tables"] = section("table estimates", lambda: table_estimates(
+        {r["batch"]: r["images_per_s"] for r in res["reduced"]}, res["knn"]["faiss_s"],
+        res["reduced_achieved_flops"]))
+    res["bench_s"] = time.perf_counter() - t_start
+    res["load_after"] = os.getloadavg()
+    res["targets"] = targets(res, plan)
+    return res
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name()}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def targets(res: dict, plan: BenchPlan) -> list[dict]:
+    peak = res["peak"]["flops_per_s"]
+    frac = res["reduced_achieved_flops"] / peak
+    limit_s = 30 if plan == BenchPlan.quick() else 600
+    longest = max(res["tables"], key=lambda r: r["hours"])
+    return [
+        {"target": "reduced pretraining >= 1.5x the plain reference", "value": f"{res['speedup_vs_plain']:.2f}x",
+         "pass": res["speedup_vs_plain"] >= 1.5},
+        {"target": ">= 50% of measured matmul peak", "value": f"{100 * frac:.0f}%", "pass": frac >= 0.5},
+        {"target": "every reduced table (one seed) <= 24 h", "value": f"{longest['table']}: {longest['hours']:.1f} h",
+         "pass": longest["hours"] <= 24},
+        {"target": f"whole bench < {limit_s} s", "value": f"{res['bench_s']:.0f} s", "pass": res["bench_s"] < limit_s},
+    ]
+
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:.1f} G" if x >= 1e9 else f"{x / 1e6:.1f} M"
+
+
+def render(res: dict) -> str:
+    peak = res["peak"]["flops_per_s"]
+    quick = res["plan"]["batch_sizes"] == list(BenchPlan.quick().batch_sizes)
+    md = ["# Performance bench", "",
+          f"Device: {res['device']}; torch {torch.__version__}; bench wall time {res['bench_s']:.0f} s; "
+          f"1-min load average {res['load_before'][0]:.1f} before, {res['load_after'][0]:.1f} after "
+          f"(above the core count = the machine was shared and the numbers are low)"
+          + (" (**--quick**: tiny sizes, numbers are not meaningful)" if quick else "") + ".",
+          ("Step times are medians over timed steps after untimed warm-up steps; images/s counts source images "
+          "(each gives two views)."), ""]
+    md += ["## Targets", "", tabulate([[t["target"], t["value"], "PASS" if t["pass"] else "FAIL"]
+                                       for t in res["targets"]], ["target", "measured", ""], tablefmt="pipe"), ""]
+
+    md += ["## 1. Pretraining throughput", "",
+           ("Full MoCo v3 steps (two views through `TwoViewBatchAugment`, query fwd+bwd, momentum update and key "
+           "fwd, AdamW step) of `SelfSupervisedViT` on synthetic in-memory images."), ""]
+    rows = [["reduced ViT 128x4 /7, 28² gray", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}",
+             f"{r['warmup_s']:.1f}"] for r in res["reduced"]]
+    if "vitb" in res:
+        v = res["vitb"]
+        where = "CPU, " if "CPU" in res["device"] else ""
+        rows.append([f"paper ViT-B/16, 224² RGB ({where}{v['steps']} timed step(s))", v["batch"], f"{v['step_s']:.3f}",
+                     f"{v['images_per_s']:.2f}", f"{v['warmup_s']:.1f}"])
+    else:
+        rows.append(["paper ViT-B/16, 224² RGB", "-", "skipped (--quick)", "-", "-"])
+    md += [tabulate(rows, ["model", "batch", "s/step", "images/s", "warm-up s"], tablefmt="pipe"), ""]
+
+    md += ["## 2. FLOPs and peak", "",
+           (f"Peak: {res['peak']['what']} = **{_g(peak)}FLOP/s**. FLOPs from `torch.utils.flop_counter."
+           "FlopCounterMode` on one training step (matmuls, convs and attention; elementwise ops are not FLOPs "
+           "here), divided by the batch."), ""]
+    ref = max(res["reduced"], key=lambda r: r["batch"])
+    rows = [["reduced", ref["batch"], _g(res["reduced_flops_per_image"]), _g(res["reduced_achieved_flops"]) + "FLOP/s",
+             f"{100 * res['reduced_achieved_flops'] / peak:.0f}%"]]
+    if "vitb" in res:
+        v = res["vitb"]
+        rows.append(["ViT-B/16", v["batch"], _g(v["flops_per_image"]), _g(v["achieved_flops"]) + "FLOP/s",
+                     f"{100 * v['achieved_flops'] / peak:.0f}%"])
+    md += [tabulate(rows, ["model", "batch", "FLOPs/image/step", "achieved", "of peak"], tablefmt="pipe"), ""]
+
+    p = res["pipeline"]
+    md += ["## 3. Data pipeline alone", "",
+           (f"`TwoViewBatchAugment` on batches of {p['batch']} 28x28 images: **{p['images_per_s']:.0f} images/s** "
+           f"({1000 * p['step_s']:.1f} ms per batch, both views)."), ""]
+
+    k = res["knn"]
+    md += ["## 4. kNN evaluation", "",
+           (f"{k['train']}x{k['dim']} train / {k['test']}x{k['dim']} test features (clustered random), k={k['k']}, "
+           "weights exp(cos/0.07)."), "",
+           tabulate([["`evals.knn.knn_classify` (faiss IndexFlatIP)", f"{k['faiss_s']:.2f}", f"{100 * k['faiss_acc']:.1f}"],
+                     ["scikit-learn KNeighborsClassifier (brute, cosine)", f"{k['sklearn_s']:.2f}",
+                      f"{100 * k['sklearn_acc']:.1f}"]], ["implementation", "seconds", "accuracy %"], tablefmt="pipe"),
+           "", (f"Predictions agree on {100 * k['agreement']:.2f}% of test points; faiss is "
+           f"{k['sklearn_s'] / k['faiss_s']:.1f}x faster."), ""]
+
+    md += ["## 5. Plain reference (Algorithm 1 written straightforwardly)", "",
+           ("Per-image PIL transforms (RandomResizedCrop, ColorJitter(0.4, 0.4) p=0.8, PIL Gaussian blur, solarize, "
+           "flip) in a torch DataLoader; eager `timm` ViT of the same size with learned patch projection; the "
+           "official `_build_mlp` heads; python-loop momentum update; `F.cross_entropy` loss; AdamW. Same batch as "
+           "the reduced profile."), ""]
+    rows = [[f"plain, num_workers={r['num_workers']}", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}"]
+            for r in res["plain"]]
+    rows.append(["this suite", ref["batch"], f"{ref['step_s']:.3f}", f"{ref['images_per_s']:.0f}"])
+    md += [tabulate(rows, ["implementation", "batch", "s/step", "images/s"], tablefmt="pipe"), "",
+           f"Suite / best plain configuration: **{res['speedup_vs_plain']:.2f}x**.", ""]
+
+    md += ["## 6. torch.compile and threads", "",
+           (f"timm fused attention (`F.scaled_dot_product_attention`, `timm.layers.use_fused_attn()`): "
+           f"{'on' if res['fused_attn'] else 'off'}."), ""]
+    if "threads" in res:
+        md += [tabulate([[r["setting"], r.get("batch", "-"), f"{r['step_s']:.3f}" if "step_s" in r else r["status"],
+                          f"{r['images_per_s']:.0f}" if "images_per_s" in r else "-"] for r in res["threads"]],
+                        ["setting", "batch", "s/step", "images/s"], tablefmt="pipe"), ""]
+    else:
+        md += ["Thread variants: skipped.", ""]
+    c = res.get("compile")
+    if c is None:
+        md += ["torch.compile: skipped" + (" (--quick)." if quick else " (not on CPU)."), ""]
+    elif c["status"] == "ok":
+        md += [(f"torch.compile of both backbones (`nn.Module.compile`, inductor): compile + warm-up "
+               f"{c['warmup_s']:.0f} s, then **{c['images_per_s']:.0f} images/s** at batch {c['batch']} "
+               f"({c['images_per_s'] / ref['images_per_s']:.2f}x eager)."), ""]
+    else:
+        md += [f"torch.compile: {c['status']}.", ""]
+
+    md += ["## 7. Estimated time of the reduced tables (one seed)", "",
+           "Iterations = epochs x (60000 // batch) from `REDUCED.resolve` for each row; each row's images/s is the "
+           "measured reduced throughput scaled by FLOPs/image (ratio to the reference ViT 128x4 /7); plus feature "
+           "extraction of 70000 images at the achieved FLOP/s and one kNN. Linear probes are not included. The "
+           "reduced profile may still be tuned: re-run the bench after changing it."
+           + (" In --quick mode the throughput comes from a tiny batch, so these hours are not meaningful." if quick
+              else ""), ""]
+    md += [tabulate([[t["table"], t["title"], t["rows"], t["iterations"], f"{t['hours']:.1f}", t["notes"]]
+                     for t in res["tables"]], ["table", "title", "rows", "iterations", "hours", "notes"],
+                    tablefmt="pipe"), "",
+           f"All tables: **{sum(t['hours'] for t in res['tables']):.0f} h** on this machine.", ""]
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/bench/README.md", help="markdown report (raw numbers: .json beside it)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for tests (< 30 s)")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plan = BenchPlan.quick() if args.quick else (BenchPlan.cuda() if device.type == "cuda" else BenchPlan())
+    res = run_bench(plan, device, log=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(res))
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    main()
