@@ -1,0 +1,88 @@
+"""The performance bench: FLOP counts against a hand count, the plain reference is a correct Algorithm 1, the
+kNN comparison agrees, and the quick bench writes the full report."""
+import json
+
+import pytest
+import torch
+
+from replicate import bench
+from replicate.config import Setting
+from replicate.moco import SelfSupervisedViT
+from replicate.profiles import SMOKE
+
+
+def hand_count_step_flops(image=28, patch=7, dim=128, depth=4, hidden=512, out=128, batch=8, chans=1):
+    """Matmul FLOPs (2 per multiply-add) of one MoCo v3 step per source image, written out by hand."""
+    n = (image // patch) ** 2 + 1  # patches + [CLS]
+    block = 2 * n * 12 * dim * dim + 4 * n * n * dim  # qkv+proj+fc1+fc2 = 12 d^2 weights per token; QK^T and AV
+    patch_embed = 2 * (image // patch) ** 2 * chans * patch * patch * dim
+    backbone = depth * block
+    projector = 2 * (dim * hidden + hidden * hidden + hidden * out)
+    predictor = 2 * (out * hidden + hidden * out)
+    online_fwd = patch_embed + backbone + projector + predictor
+    online_bwd = 2 * (backbone + projector + predictor)  # frozen patch projection: no backward through it
+    momentum_fwd = patch_embed + backbone + projector
+    losses = 2 * (2 * batch * out + 2 * batch * out)  # q k^T forward + grad wrt q, two symmetric terms
+    return 2 * (online_fwd + online_bwd) + 2 * momentum_fwd + losses
+
+
+def test_step_flops_match_hand_count_for_reduced_model():
+    cfg = bench.reduced_config()
+    assert (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.head_hidden) == (128, 4, 7, 512)
+    counted = bench.count_step_flops(cfg, batch=8)
+    expected = hand_count_step_flops(batch=8)
+    assert 2.0e8 < expected < 2.5e8  # ~227 MFLOPs per image: the order the report's numbers rest on
+    assert counted["train"] == pytest.approx(expected, rel=0.005)
+    assert counted["forward"] == pytest.approx(4 * (2 * 17 * 12 * 128**2 + 4 * 17**2 * 128) + 2 * 16 * 49 * 128,
+                                               rel=0.005)
+
+
+def test_meta_count_equals_count_on_a_real_cpu_step():
+    """The meta-device count must see the same FLOPs as a real step (CPU fused attention included)."""
+    cfg = SMOKE.resolve(Setting())
+    torch.manual_seed(0)
+    model = SelfSupervisedViT(cfg).train()
+    x1 = torch.rand(4, cfg.in_chans, cfg.image_size, cfg.image_size)
+    x2 = torch.rand_like(x1)
+    with bench.flop_counter() as real:
+        loss, _ = model(x1, x2, 0.99)
+        loss.backward()
+    assert bench.count_step_flops(cfg, batch=4)["train"] == pytest.approx(real.get_total_flops() / 4, rel=0.02)
+
+
+def test_plain_reference_is_algorithm_1():
+    """One plain step: the key encoder becomes m f_k + (1-m) f_q (from the pre-step f_q), the query encoder moves."""
+    cfg = bench.reduced_config(8).model_copy(update={"depth": 1})
+    step = bench.PlainStep(cfg, torch.device("cpu"), num_workers=0)
+    with torch.no_grad():  # make f_k differ from f_q so that the update is visible
+        for p in step.f_k.parameters():
+            p.add_(0.1)
+    q0 = [p.detach().clone() for p in step.f_q.parameters()]
+    k0 = [p.detach().clone() for p in step.f_k.parameters()]
+    step()
+    for pk, pk0, pq0 in zip(step.f_k.parameters(), k0, q0):
+        torch.testing.assert_close(pk, 0.99 * pk0 + 0.01 * pq0)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(step.f_q.parameters(), q0))
+
+
+def test_knn_faiss_agrees_with_sklearn():
+    r = bench.knn_comparison(bench.BenchPlan(knn_train=3000, knn_test=300))
+    assert r["agreement"] >= 0.98
+    assert r["faiss_acc"] == pytest.approx(r["sklearn_acc"], abs=0.02)
+
+
+@pytest.mark.smoke
+def test_quick_bench_writes_report(tmp_path):
+    out = tmp_path / "bench" / "README.md"
+    res = bench.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    for heading in ("## Targets", "## 1. Pretraining throughput", "## 2. FLOPs and peak", "## 3. Data pipeline",
+                    "## 4. kNN evaluation", "## 5. Plain reference", "## 6. torch.compile and threads",
+                    "## 7. Estimated time of the reduced tables"):
+        assert heading in text
+    assert text.count("PASS") + text.count("FAIL") == len(res["targets"]) == 4
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["reduced"][0]["images_per_s"] > 0 and raw["peak"]["flops_per_s"] > 1e8
+    assert raw["reduced_flops_per_image"] == pytest.approx(hand_count_step_flops(batch=16), rel=0.02)
+    assert {t["table"] for t in raw["tables"]} >= {"table1", "table5", "table10"}
+    assert all(t["hours"] > 0 for t in raw["tables"])
