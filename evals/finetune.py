@@ -149,15 +149,15 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
     from timm.optim import create_optimizer_v2
 
     if isinstance(train, TensorSplit):
-        if recipe.train_subset and recipe.train_subset < len(train):
-            g = torch.Generator().manual_seed(1234)  # fixed across seeds and rows, like the pretraining subset
-            train = train.subset(torch.randperm(len(train), generator=g)[: recipe.train_subset])
+        train = train.fixed_subset(recipe.train_subset)  # fixed across seeds and rows, like pretraining
         batches = TensorEpochs(train, recipe, cfg, device)
         epoch_iter = batches.epoch
         batch = batches.batch
     else:
         batches, batch = train, recipe.batch
-        epoch_iter = lambda _epoch: iter(train)
+
+        def epoch_iter(_epoch):
+            return iter(train)
     ipe = len(batches)
     if ipe == 0:
         raise ValueError(f"fine-tuning batch {batch} exceeds the training set")

@@ -7,8 +7,6 @@ the results can feed) and returns markdown lines that embed them with links rela
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +15,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from .atomic import atomic_open
 from .instability import record_summary
 from .render import RowStats, _delta, _mean_delta, metric_keys, paper_delta
 from .results import ResultStore
@@ -27,15 +26,11 @@ DPI = 100
 
 def _save(fig, path: Path) -> None:
     """Write atomically: a reader (or a concurrent render) never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=DPI)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _with_curves(recs: list[dict]) -> list[dict]:

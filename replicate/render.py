@@ -21,8 +21,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .atomic import atomic_write_text
 from .profiles import PROFILES, get_profile
-from .results import ResultStore, atomic_write_text
+from .results import ResultStore
 from .spec import Row, Spec, all_specs
 
 PAPER_NOISE = 0.3

@@ -10,31 +10,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import platform
 import subprocess
 import tempfile
 from pathlib import Path
+
+from .atomic import atomic_write_text
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "results"
 
 
 class ResultsError(RuntimeError):
     pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def provenance(device: str) -> dict:

@@ -1,7 +1,5 @@
 """Data: Fashion-MNIST discovery and errors, digits, and the batched two-view augmentation."""
 import gzip
-import os
-from pathlib import Path
 
 import pytest
 import torch
