@@ -65,10 +65,9 @@ def supervised_backbone(cfg: RunConfig, data_root: str | None, progress: bool) -
     torch.manual_seed(cfg.seed)
     if is_tensor_dataset(cfg.dataset):
         keep = [c for c in range(cfg.num_classes) if c not in cfg.exclude_classes]
+        # the same images MoCo v3 pretrains on (same class filter, same fixed subset), with their labels
         train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size).only_classes(keep)
-        if cfg.train_subset:
-            g = torch.Generator().manual_seed(1234)
-            train = train.subset(torch.randperm(len(train), generator=g)[: cfg.train_subset])
+        train = train.fixed_subset(cfg.train_subset)
         recipe = replace(SMALL_TRANSFER_RECIPES[cfg.profile], epochs=cfg.epochs, batch=cfg.batch_size,
                          warmup_epochs=cfg.warmup_epochs, train_subset=None)
         num_classes = len(keep)
