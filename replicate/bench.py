@@ -40,8 +40,9 @@ from .moco import SelfSupervisedViT
 from .optim import build_optimizer
 from .profiles import PAPER, REDUCED
 
-FMNIST_TRAIN_IMAGES = 60000  # iterations per reduced epoch = 60000 // batch (drop_last, as the trainer)
-FMNIST_EVAL_IMAGES = 70000  # train + test features extracted after every pretraining row
+# iterations per reduced epoch = pretraining images // batch (drop_last, as the trainer)
+FMNIST_TRAIN_IMAGES = REDUCED.train_subset or 60000
+FMNIST_EVAL_IMAGES = FMNIST_TRAIN_IMAGES + 10000  # bank/probe images + the test set, extracted after every row
 COMPILE_LIMIT_S = 120
 aten = torch.ops.aten
 
