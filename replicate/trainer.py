@@ -52,6 +52,7 @@ def seed_everything(seed: int) -> None:
 
 
 CHECKPOINT_EVERY_ENV = "REPLICATE_CHECKPOINT_EVERY"
+COMPILE_ENV = "REPLICATE_COMPILE"  # =1: torch.compile the training step's model
 
 
 def checkpoint_interval(cfg: RunConfig) -> int:
@@ -199,6 +200,9 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     # find_unused_parameters. The momentum update inside forward touches only non-DDP (frozen) parameters.
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if D.is_dist() else model)
+    if os.environ.get(COMPILE_ENV, "") not in ("", "0"):
+        # Opt-in: it pays off on GPUs; on the 2-core CPU the bench measured it slower than eager (see results/bench).
+        ddp = torch.compile(ddp)
     use_amp = device.type == "cuda"
     if use_amp:
         torch.backends.cuda.matmul.allow_tf32 = True
