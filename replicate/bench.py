@@ -590,10 +590,10 @@ def render(res: dict) -> str:
         md += [f"torch.compile: {c['status']}.", ""]
 
     md += ["## 7. Estimated time of the reduced tables (one seed)", "",
-           "Iterations = epochs x (60000 // batch) from `REDUCED.resolve` for each row; each row's images/s is the "
-           "measured reduced throughput scaled by FLOPs/image (ratio to the reference ViT 128x4 /7); plus feature "
-           "extraction of 70000 images at the achieved FLOP/s and one kNN. Linear probes are not included. The "
-           "reduced profile may still be tuned: re-run the bench after changing it."
+           f"Iterations = epochs x ({FMNIST_TRAIN_IMAGES} // batch) from `REDUCED.resolve` for each row; each row's "
+           "images/s is the measured reduced throughput scaled by FLOPs/image (ratio to the reference ViT 128x4 /7); "
+           f"plus feature extraction of {FMNIST_EVAL_IMAGES} images at the achieved FLOP/s and one kNN. Linear probes "
+           "are not included. Re-run the bench after changing the reduced profile."
            + (" In --quick mode the throughput comes from a tiny batch, so these hours are not meaningful." if quick
               else ""), ""]
     md += [tabulate([[t["table"], t["title"], t["rows"], t["iterations"], f"{t['hours']:.1f}", t["notes"]]
