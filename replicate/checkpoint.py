@@ -48,9 +48,6 @@ def save_checkpoint(path, cfg: RunConfig, model, optimizer, monitor, step: int, 
     atomic_torch_save({
         "fingerprint": config_fingerprint(cfg), "step": step, "wall_time_s": wall_time_s,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "monitor": monitor.state_dict(),
-        # the stats tracked since the monitor's last flush: saving them, rather than flushing at every checkpoint,
-        # keeps the monitor's flush (and kNN) steps, hence its curves, the same however a run was interrupted
-        "monitor_pending": [t.cpu() for t in monitor.pending],
         "rng": rng_states(),
     }, path)
 
@@ -59,7 +56,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-REQUIRED_KEYS = {"fingerprint", "step", "wall_time_s", "model", "optimizer", "monitor", "monitor_pending", "rng"}
+REQUIRED_KEYS = {"fingerprint", "step", "wall_time_s", "model", "optimizer", "monitor", "rng"}
 
 
 def load_checkpoint(path, cfg: RunConfig) -> dict:

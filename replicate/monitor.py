@@ -61,7 +61,7 @@ class TrainingMonitor:
     def should_flush(self, step: int, end: int) -> bool:
         done = step + 1
         every = self.cfg.monitor_every
-        return done % every == 0 or done == end or (self.cfg.checkpoint_every and done % self.cfg.checkpoint_every == 0)
+        return done % every == 0 or done == end
 
     @torch.no_grad()
     def flush(self, step: int, feats: torch.Tensor, labels: torch.Tensor) -> bool:
@@ -89,13 +89,16 @@ class TrainingMonitor:
         return True
 
     def state_dict(self) -> dict:
+        # ``pending`` (stats tracked since the last flush) is saved rather than flushed at a checkpoint, so the flush
+        # (and kNN) steps, hence the curves, are the same however a run was interrupted.
         return {"series": self.series, "knn_steps": self.knn_steps, "knn_acc": self.knn_acc,
-                "bank": self.bank, "bank_labels": self.bank_labels}
+                "bank": self.bank, "bank_labels": self.bank_labels, "pending": [t.cpu() for t in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
         self.series = {k: list(v) for k, v in state["series"].items()}
         self.knn_steps, self.knn_acc = list(state["knn_steps"]), list(state["knn_acc"])
         self.bank, self.bank_labels = state["bank"], state["bank_labels"]
+        self.pending = [t.to(self.first.device) for t in state["pending"]]
         self.last_knn = self.knn_acc[-1] if self.knn_acc else None
 
     def curves(self) -> dict:

@@ -81,8 +81,6 @@ class TensorBatches:
         train = train.without_classes(cfg.exclude_classes).fixed_subset(cfg.train_subset)  # same for every row
         self.images, self.labels = train.images.to(device), train.labels.to(device)
         self.cfg, self.device = cfg, device
-        if cfg.batch_size % D.world_size():
-            raise D.LaunchError(f"batch {cfg.batch_size} is not divisible by the {D.world_size()} processes")
         self.local_batch = cfg.batch_size // D.world_size()
         self.iters_per_epoch = len(self.labels) // cfg.batch_size  # drop_last, as the official loader
         if self.iters_per_epoch == 0:
@@ -121,8 +119,6 @@ class FolderBatches:
         self.ds = ImageFolder(str(imagenet_folder(data_root, "train")),
                               transform=two_view_pil_transforms(cfg.image_size, cfg.crop_min))
         self.cfg, self.device = cfg, device
-        if cfg.batch_size % D.world_size():
-            raise D.LaunchError(f"batch {cfg.batch_size} is not divisible by the {D.world_size()} processes")
         self.local_batch = cfg.batch_size // D.world_size()
         self.iters_per_epoch = len(self.ds) // cfg.batch_size
         self._epoch, self._it = None, None
@@ -143,6 +139,8 @@ class FolderBatches:
 
 
 def make_batches(cfg: RunConfig, data_root: str | None, device: torch.device):
+    if cfg.batch_size % D.world_size():
+        raise D.LaunchError(f"batch {cfg.batch_size} is not divisible by the {D.world_size()} processes")
     cls = TensorBatches if is_tensor_dataset(cfg.dataset) else FolderBatches
     return cls(cfg, data_root, device)
 
@@ -179,16 +177,13 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     if D.is_dist():
         model = D.convert_sync_batchnorm(model, device)
     optimizer = build_optimizer(cfg, model)
-    # The monitor flushes on its own schedule only (checkpoints save its pending stats instead), so its curves do
-    # not depend on the checkpoint interval or on where a run was interrupted.
-    monitor = TrainingMonitor(cfg.model_copy(update={"checkpoint_every": 0}), model, ipe * cfg.batch_size, lrs, ms)
+    monitor = TrainingMonitor(cfg, model, ipe * cfg.batch_size, lrs, ms)
     start, t_offset = 0, 0.0
     state = restore_checkpoint(ckpt_path, cfg)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         monitor.load_state_dict(state["monitor"])
-        monitor.pending = [t.to(device) for t in state["monitor_pending"]]
         set_rng_states(state["rng"])
         start, t_offset = state["step"], state["wall_time_s"]
         if D.is_main():
