@@ -142,6 +142,13 @@ def load_tensor_dataset(name: str, split: str, data_root: str | None, image_size
     raise DataError(f"dataset {name!r} is not an in-memory dataset (use the ImageFolder path)")
 
 
+def pretraining_split(cfg, data_root: str | None) -> TensorSplit:
+    """A run's pretraining images (held-out classes removed, the fixed subset) with their labels; the evaluators
+    use the same images as the kNN bank / probe training set."""
+    train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
+    return train.fixed_subset(cfg.train_subset)
+
+
 def is_tensor_dataset(name: str) -> bool:
     return name in ("fashion_mnist", "digits")
 

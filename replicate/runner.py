@@ -9,7 +9,7 @@ import torch
 
 from . import distributed as D
 from .config import RunConfig, Setting
-from .data import is_tensor_dataset, load_tensor_dataset
+from .data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from .instability import summarize
 from .profiles import Profile, get_profile
 from .results import ResultStore, provenance
@@ -23,11 +23,8 @@ def log(msg: str) -> None:
 
 
 def eval_splits(cfg: RunConfig, data_root: str | None):
-    """The pretraining images (same subset) with labels as the kNN bank / probe training set, and the test set."""
-    train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
-    train = train.fixed_subset(cfg.train_subset)
     test = load_tensor_dataset(cfg.dataset, "test", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
-    return train, test
+    return pretraining_split(cfg, data_root), test
 
 
 def score_features(cfg: RunConfig, train_feats, train_labels, test_feats, test_labels) -> dict[str, float]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import distributed as D
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_states
 from .config import RunConfig
-from .data import channel_stats, is_tensor_dataset, load_tensor_dataset
+from .data import channel_stats, is_tensor_dataset, pretraining_split
 from .moco import SelfSupervisedViT
 from .monitor import TrainingMonitor
 from .optim import build_optimizer
@@ -77,8 +77,7 @@ class TensorBatches:
     """Epoch-seeded permutations of an in-memory dataset, sharded over processes; resumable at any step."""
 
     def __init__(self, cfg: RunConfig, data_root: str | None, device: torch.device):
-        train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size)
-        train = train.without_classes(cfg.exclude_classes).fixed_subset(cfg.train_subset)  # same for every row
+        train = pretraining_split(cfg, data_root)  # the same fixed images for every row and seed
         self.images, self.labels = train.images.to(device), train.labels.to(device)
         self.cfg, self.device = cfg, device
         self.local_batch = cfg.batch_size // D.world_size()
