@@ -23,8 +23,9 @@ def log(msg: str) -> None:
 
 
 def eval_splits(cfg: RunConfig, data_root: str | None):
+    train = pretraining_split(cfg, data_root)
     test = load_tensor_dataset(cfg.dataset, "test", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
-    return pretraining_split(cfg, data_root), test
+    return train, test
 
 
 def score_features(cfg: RunConfig, train_feats, train_labels, test_feats, test_labels) -> dict[str, float]:
