@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from replicate.data import TensorSplit, channel_stats
+from replicate.hostmem import retain_freed_memory
 
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, split: TensorSplit, dataset: str, batch_size: int = 1024,
                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features (the [CLS] token or the average pool, per the model's pooling) of ``split``."""
+    retain_freed_memory()
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in channel_stats(dataset))
     was_training = backbone.training
     backbone.eval()

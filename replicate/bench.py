@@ -36,6 +36,7 @@ from torch import nn
 from .augment import TwoViewBatchAugment
 from .config import RunConfig, Setting
 from .data import channel_stats
+from .hostmem import retain_freed_memory
 from .moco import SelfSupervisedViT
 from .optim import build_optimizer
 from .profiles import PAPER, REDUCED
@@ -63,15 +64,19 @@ class BenchPlan:
     threads: bool = True
     vitb: bool = True
     plain_workers: tuple[int, ...] = (0, 1)
+    blocks: int = 8  # head-to-head: interleaved blocks of (peak probe, suite steps, plain steps)
+    block_steps: int = 3
+    settle_s: float = 1.5  # idle time before each block: the plain DataLoader's prefetch finishes off the clock
 
     @classmethod
     def quick(cls) -> BenchPlan:
         return cls(batch_sizes=(16,), warmup=1, steps=1, pipeline_batches=1, knn_train=2000, knn_test=500,
-                   compile=False, threads=False, vitb=False, plain_workers=(0,))
+                   compile=False, threads=False, vitb=False, plain_workers=(0,), blocks=1, block_steps=1,
+                   settle_s=0.0)
 
     @classmethod
     def cuda(cls) -> BenchPlan:
-        return cls(batch_sizes=(256, 1024, 4096), warmup=5, steps=20, vitb_batch=64, vitb_steps=10)
+        return cls(batch_sizes=(256, 1024, 4096), warmup=5, steps=20, vitb_batch=64, vitb_steps=10, block_steps=10)
 
 
 def sync(device: torch.device) -> None:
@@ -133,6 +138,7 @@ class SuiteStep:
     """One trainer iteration (``trainer.pretrain`` without monitor/checkpoints) on synthetic in-memory images."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, compile_backbones: bool = False):
+        retain_freed_memory()  # as trainer.pretrain does
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
         self.model = SelfSupervisedViT(cfg).to(device).train()
@@ -271,7 +277,10 @@ class PlainStep:
         images = rng.integers(0, 256, (max(4 * cfg.batch_size, 2048), cfg.image_size, cfg.image_size), np.uint8)
         self.loader = torch.utils.data.DataLoader(PlainTwoViewDataset(images, cfg), batch_size=cfg.batch_size,
                                                   shuffle=True, drop_last=True, num_workers=num_workers,
-                                                  persistent_workers=num_workers > 0)
+                                                  persistent_workers=num_workers > 0,
+                                                  # Linux's default, also inside the bench's spawned child
+                                                  multiprocessing_context="fork" if num_workers and
+                                                  sys.platform.startswith("linux") else None)
         self.it = iter(self.loader)
 
     def next_batch(self):
@@ -300,10 +309,101 @@ class PlainStep:
         self.optimizer.step()
 
 
-def plain_throughput(cfg: RunConfig, device: torch.device, plan: BenchPlan, num_workers: int) -> dict:
-    step = PlainStep(cfg, device, num_workers)
-    t = time_steps(step, plan.warmup, plan.steps, device)
-    return {"batch": cfg.batch_size, "num_workers": num_workers, "images_per_s": cfg.batch_size / t["step_s"], **t}
+def _plain_worker_main(conn, cfg_json: str, num_workers: int, warmup: int, device: str) -> None:
+    """Child process: build the plain reference, then time ``n`` steps whenever the parent sends ``n``."""
+    try:
+        step = PlainStep(RunConfig.model_validate_json(cfg_json), torch.device(device), num_workers)
+        for _ in range(warmup):
+            step()
+        conn.send("ready")
+        while (n := conn.recv()) > 0:
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                step()
+                sync(torch.device(device))
+                times.append(time.perf_counter() - t0)
+            conn.send(times)
+    except EOFError:  # the parent went away
+        pass
+    except Exception as e:  # noqa: BLE001 -- reported to the parent as one line
+        conn.send(f"{type(e).__name__}: {e}")
+
+
+class PlainWorker:
+    """The plain reference in a fresh process of its own (default allocator and settings, none of the suite's),
+    driven step by step over a pipe so that its steps interleave with the suite's on the same machine state."""
+
+    def __init__(self, cfg: RunConfig, num_workers: int, warmup: int, device: torch.device):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.num_workers = num_workers
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_plain_worker_main, daemon=False,  # its DataLoader may start workers
+                                args=(child, cfg.model_dump_json(), num_workers, warmup, str(device)))
+        self.proc.start()
+        self._receive()
+
+    def _receive(self):
+        if not self.conn.poll(COMPILE_LIMIT_S):
+            raise RuntimeError(f"the plain reference process gave no answer in {COMPILE_LIMIT_S} s")
+        msg = self.conn.recv()
+        if isinstance(msg, str) and msg != "ready":
+            raise RuntimeError(f"plain reference failed: {msg}")
+        return msg
+
+    def steps(self, n: int) -> list[float]:
+        self.conn.send(n)
+        return self._receive()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(0)
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def head_to_head(cfg: RunConfig, device: torch.device, plan: BenchPlan, train_flops_per_image: float) -> dict:
+    """The suite against the plain reference, and against the matmul peak, in interleaved blocks.
+
+    This machine's speed drifts by tens of percent within a minute (a shared VM), so a suite median taken at one
+    time and a plain median or a peak taken at another compare machine states, not code. Each block therefore
+    runs a peak probe (best of 3), ``block_steps`` suite steps and ``block_steps`` steps of each plain
+    configuration back to back; the ratio and the fraction of peak are computed per block and their medians
+    reported.
+    """
+    suite = SuiteStep(cfg, device)
+    workers = [PlainWorker(cfg, w, plan.warmup, device) for w in plan.plain_workers]
+    try:
+        for _ in range(plan.warmup):
+            suite()
+        blocks = []
+        for _ in range(plan.blocks):
+            time.sleep(plan.settle_s)
+            peak = matmul_peak(device, reps=3)["flops_per_s"]
+            suite_s = statistics.median(time_steps(suite, 0, plan.block_steps, device)["all_s"])
+            plain_s = {w.num_workers: statistics.median(w.steps(plan.block_steps)) for w in workers}
+            blocks.append({"peak_flops_per_s": peak, "suite_s": suite_s, "plain_s": plain_s,
+                           "speedup": min(plain_s.values()) / suite_s,
+                           "fraction_of_peak": train_flops_per_image * cfg.batch_size / suite_s / peak})
+    finally:
+        for w in workers:
+            w.close()
+    suite_all = [b["suite_s"] for b in blocks]
+    plain = [{"num_workers": w, "batch": cfg.batch_size,
+              "step_s": statistics.median(b["plain_s"][w] for b in blocks),
+              "images_per_s": cfg.batch_size / statistics.median(b["plain_s"][w] for b in blocks)}
+             for w in plan.plain_workers]
+    return {"batch": cfg.batch_size, "blocks": blocks, "plain": plain,
+            "suite_step_s": statistics.median(suite_all),
+            "suite_images_per_s": cfg.batch_size / statistics.median(suite_all),
+            "speedup": statistics.median(b["speedup"] for b in blocks),
+            "fraction_of_peak": statistics.median(b["fraction_of_peak"] for b in blocks),
+            "peak_flops_per_s": statistics.median(b["peak_flops_per_s"] for b in blocks)}
 
 
 # ----------------------------------------------------------------------------------- pipeline and kNN
@@ -459,9 +559,9 @@ def run_bench(plan: BenchPlan, device: torch.device, log=print) -> dict:
 
     res["pipeline"] = section("data pipeline", lambda: pipeline_throughput(plan, device))
     res["knn"] = section("kNN", lambda: knn_comparison(plan))
-    res["plain"] = section("plain reference", lambda: [
-        plain_throughput(reduced_config(ref_batch), device, plan, w) for w in plan.plain_workers])
-    res["speedup_vs_plain"] = ref["images_per_s"] / max(r["images_per_s"] for r in res["plain"])
+    h2h = section("head to head", lambda: head_to_head(reduced_config(ref_batch), device, plan,
+                                                       res["reduced_flops_per_image"]))
+    res["head_to_head"], res["plain"], res["speedup_vs_plain"] = h2h, h2h["plain"], h2h["speedup"]
 
     import timm.layers
 
@@ -486,15 +586,15 @@ def describe_device(device: torch.device) -> str:
 
 
 def targets(res: dict, plan: BenchPlan) -> list[dict]:
-    peak = res["peak"]["flops_per_s"]
-    frac = res["reduced_achieved_flops"] / peak
+    h2h = res["head_to_head"]
     limit_s = 30 if plan == BenchPlan.quick() else 600
     longest = max(res["tables"], key=lambda r: r["hours"])
     return [
-        {"target": "reduced pretraining >= 1.5x the plain reference", "value": f"{res['speedup_vs_plain']:.2f}x",
-         "pass": res["speedup_vs_plain"] >= 1.5},
-        {"target": ">= 50% of measured matmul peak", "value": f"{100 * frac:.0f}%", "pass": frac >= 0.5},
-        {"target": "every reduced table (one seed) <= 30 min (issue 7)",
+        {"target": "reduced pretraining >= 1.5x the plain reference (interleaved, §5)",
+         "value": f"{h2h['speedup']:.2f}x", "pass": h2h["speedup"] >= 1.5},
+        {"target": ">= 50% of measured matmul peak (interleaved, §5)",
+         "value": f"{100 * h2h['fraction_of_peak']:.0f}%", "pass": h2h["fraction_of_peak"] >= 0.5},
+        {"target": "every reduced table (one seed) <= 30 min (§7)",
          "value": f"{longest['table']}: {60 * longest['hours']:.0f} min",
          "pass": longest["hours"] <= 0.5},
         {"target": f"whole bench < {limit_s} s", "value": f"{res['bench_s']:.0f} s", "pass": res["bench_s"] < limit_s},
@@ -560,16 +660,34 @@ def render(res: dict) -> str:
            "", (f"Predictions agree on {100 * k['agreement']:.2f}% of test points; faiss is "
            f"{k['sklearn_s'] / k['faiss_s']:.1f}x faster."), ""]
 
-    md += ["## 5. Plain reference (Algorithm 1 written straightforwardly)", "",
-           ("Per-image PIL transforms (RandomResizedCrop, ColorJitter(0.4, 0.4) p=0.8, PIL Gaussian blur, solarize, "
-           "flip) in a torch DataLoader; eager `timm` ViT of the same size with learned patch projection; the "
-           "official `_build_mlp` heads; python-loop momentum update; `F.cross_entropy` loss; AdamW. Same batch as "
-           "the reduced profile."), ""]
+    h2h = res["head_to_head"]
+    md += ["## 5. Head to head: plain reference and matmul peak, interleaved", "",
+           ("The plain reference is Algorithm 1 written straightforwardly: per-image PIL transforms "
+           "(RandomResizedCrop, ColorJitter(0.4, 0.4) p=0.8, PIL Gaussian blur, solarize, flip) in a torch "
+           "DataLoader, eager `timm` ViT of the same size with learned patch projection, the official `_build_mlp` "
+           "heads, python-loop momentum update, `F.cross_entropy` loss, AdamW; same batch as the reduced profile. It "
+           "runs in a fresh process of its own (default allocator and settings), driven step by step over a pipe."),
+           "",
+           (f"The machine's speed drifts (a shared VM: the 2048² matmul alone ranges ~75-160 GFLOP/s within a "
+           f"minute), so {len(h2h['blocks'])} blocks each run a peak probe (best of 3), "
+           f"{res['plan']['block_steps']} suite steps and {res['plan']['block_steps']} steps of each plain "
+           "configuration back to back; the ratio and the fraction of peak are per block, and the medians are "
+           "reported."), ""]
+    rows = [[i + 1, _g(b["peak_flops_per_s"]) + "FLOP/s", f"{b['suite_s']:.3f}",
+             *[f"{b['plain_s'][w]:.3f}" for w in sorted(b["plain_s"], key=int)],
+             f"{b['speedup']:.2f}x", f"{100 * b['fraction_of_peak']:.0f}%"] for i, b in enumerate(h2h["blocks"])]
+    workers = sorted(h2h["blocks"][0]["plain_s"], key=int)
+    md += [tabulate(rows, ["block", "peak probe", "suite s/step", *[f"plain w={w} s/step" for w in workers],
+                           "suite vs best plain", "of peak"], tablefmt="pipe"), ""]
     rows = [[f"plain, num_workers={r['num_workers']}", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}"]
-            for r in res["plain"]]
-    rows.append(["this suite", ref["batch"], f"{ref['step_s']:.3f}", f"{ref['images_per_s']:.0f}"])
-    md += [tabulate(rows, ["implementation", "batch", "s/step", "images/s"], tablefmt="pipe"), "",
-           f"Suite / best plain configuration: **{res['speedup_vs_plain']:.2f}x**.", ""]
+            for r in h2h["plain"]]
+    rows.append(["this suite", h2h["batch"], f"{h2h['suite_step_s']:.3f}", f"{h2h['suite_images_per_s']:.0f}"])
+    md += [tabulate(rows, ["implementation (median over blocks)", "batch", "s/step", "images/s"], tablefmt="pipe"),
+           "", (f"Suite / best plain configuration: **{h2h['speedup']:.2f}x**; achieved "
+                f"**{100 * h2h['fraction_of_peak']:.0f}%** of the peak probed in the same block (median probe "
+                f"{_g(h2h['peak_flops_per_s'])}FLOP/s; against the best-of-5 probe at the start "
+                f"of the run, {_g(peak)}FLOP/s, the suite's median step gives "
+                f"{100 * res['reduced_flops_per_image'] * h2h['suite_images_per_s'] / peak:.0f}%)."), ""]
 
     md += ["## 6. torch.compile and threads", "",
            (f"timm fused attention (`F.scaled_dot_product_attention`, `timm.layers.use_fused_attn()`): "

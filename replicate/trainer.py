@@ -27,6 +27,7 @@ from . import distributed as D
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_states
 from .config import RunConfig
 from .data import channel_stats, is_tensor_dataset, pretraining_split
+from .hostmem import retain_freed_memory
 from .moco import SelfSupervisedViT
 from .monitor import TrainingMonitor
 from .optim import build_optimizer
@@ -164,6 +165,7 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     ``checkpoint_interval(cfg)`` iterations; ``max_steps`` stops early and checkpoints (tests simulate an
     interrupted run with it)."""
     device = D.init_from_env()
+    retain_freed_memory()
     seed_everything(cfg.seed)
     batches = make_batches(cfg, data_root, device)
     ipe = batches.iters_per_epoch

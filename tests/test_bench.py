@@ -77,7 +77,7 @@ def test_quick_bench_writes_report(tmp_path):
     res = bench.main(["--quick", "--out", str(out)])
     text = out.read_text()
     for heading in ("## Targets", "## 1. Pretraining throughput", "## 2. FLOPs and peak", "## 3. Data pipeline",
-                    "## 4. kNN evaluation", "## 5. Plain reference", "## 6. torch.compile and threads",
+                    "## 4. kNN evaluation", "## 5. Head to head", "## 6. torch.compile and threads",
                     "## 7. Estimated time of the reduced tables"):
         assert heading in text
     assert text.count("PASS") + text.count("FAIL") == len(res["targets"]) == 4
@@ -86,3 +86,6 @@ def test_quick_bench_writes_report(tmp_path):
     assert raw["reduced_flops_per_image"] == pytest.approx(hand_count_step_flops(batch=16), rel=0.02)
     assert {t["table"] for t in raw["tables"]} >= {"table1", "table5", "table10"}
     assert all(t["hours"] > 0 for t in raw["tables"])
+    h2h = raw["head_to_head"]  # interleaved blocks: one per plan block, each with the suite, the plain and a peak
+    assert len(h2h["blocks"]) == 1 and h2h["speedup"] > 0 and 0 < h2h["fraction_of_peak"] < 1.5
+    assert h2h["blocks"][0]["speedup"] == pytest.approx(h2h["blocks"][0]["plain_s"]["0"] / h2h["blocks"][0]["suite_s"])
