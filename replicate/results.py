@@ -117,6 +117,23 @@ class ResultStore:
                 continue
         return out
 
+    def find_same_run(self, config: dict) -> dict | None:
+        """A finished (status ok) pretraining record of this profile whose config equals ``config``, from any table.
+
+        Studies share runs: every Sec. 6 ablation's reference row is the same ViT-B, 300-epoch default recipe. Such
+        a row is the same experiment (on in-memory data bit for bit: tests/test_runner.py), so it is copied, not
+        trained again."""
+        for f in sorted(self.profile_dir.glob("table*/*/seed*.json")):
+            try:
+                rec = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            # a transfer row stores its pretraining config too, but its metrics are fine-tuning accuracies
+            if (rec.get("status") == "ok" and rec.get("config") == config
+                    and set(rec.get("metrics") or ()) == set(config["metrics"])):
+                return rec
+        return None
+
     def load_baselines(self) -> dict | None:
         p = self.profile_dir / "baselines.json"
         return json.loads(p.read_text()) if p.exists() else None

@@ -121,6 +121,16 @@ def run_table(spec: Spec, profile_name: str, seeds: int = 1, force: bool = False
             if D.broadcast_from_main(not force and store.exists(spec.key, row.name, seed)):
                 log(f"{head}: done already (use --force to re-run)")
                 continue
+            twin = (store.find_same_run(profile.resolve(spec.setting(row), seed=seed).model_dump(mode="json"))
+                    if spec.kind == "pretrain" and not force and D.is_main() else None)
+            if D.broadcast_from_main(twin is not None):
+                if D.is_main():
+                    source = twin.get("reused_from") or f"{twin['table']}/{twin['row']}/seed{twin['seed']}"
+                    store.save(spec.key, row.name, seed, {**twin, "table": spec.key, "row": row.name,
+                                                          "reused_from": source})
+                    log(f"{head}: the same run as {source} (identical config): result reused "
+                        "(--force re-runs it)")
+                continue
             log(f"{head}: running")
             record = run_row(spec, row, profile, seed, store, data_root, progress)
             if D.is_main():
