@@ -24,6 +24,16 @@ class ResultsError(RuntimeError):
     pass
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """CPU model name and feature flags from /proc/cpuinfo (Linux); else the platform's name and no flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    field = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in text.splitlines() if ":" in ln)}
+    return field.get("model name", platform.machine()), set(field.get("flags", "").split())
+
+
 def provenance(device: str) -> dict:
     import faiss
     import numpy
@@ -44,6 +54,7 @@ def provenance(device: str) -> dict:
         "packages": {"torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__,
                      "faiss": getattr(faiss, "__version__", "?")},
         "device": device,
+        "cpu": cpu_info()[0],  # wall times only compare on the same CPU
         "cpu_threads": torch.get_num_threads(),
         "host": platform.node(),
     }

@@ -77,10 +77,10 @@ def test_quick_bench_writes_report(tmp_path):
     res = bench.main(["--quick", "--out", str(out)])
     text = out.read_text()
     for heading in ("## Targets", "## 1. Pretraining throughput", "## 2. FLOPs and peak", "## 3. Data pipeline",
-                    "## 4. kNN evaluation", "## 5. Head to head", "## 6. torch.compile and threads",
+                    "## 4. kNN evaluation", "## 5. Head to head", "## 6. torch.compile, threads and precision",
                     "## 7. Time of the reduced tables"):
         assert heading in text
-    assert text.count("PASS") + text.count("FAIL") == len(res["targets"]) == 5
+    assert text.count("PASS") + text.count("FAIL") == len(res["targets"]) == 4
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["reduced"][0]["images_per_s"] > 0 and raw["peak"]["flops_per_s"] > 1e8
     assert raw["reduced_flops_per_image"] == pytest.approx(hand_count_step_flops(batch=16), rel=0.02)
@@ -89,3 +89,21 @@ def test_quick_bench_writes_report(tmp_path):
     h2h = raw["head_to_head"]  # interleaved blocks: one per plan block, each with the suite, the plain and a peak
     assert len(h2h["blocks"]) == 1 and h2h["speedup"] > 0 and 0 < h2h["fraction_of_peak"] < 1.5
     assert h2h["blocks"][0]["speedup"] == pytest.approx(h2h["blocks"][0]["plain_s"]["0"] / h2h["blocks"][0]["suite_s"])
+
+
+@pytest.mark.smoke  # oneDNN builds its bf16 kernels on the first step: seconds
+def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32():
+    """The bench's bf16 row must time a bf16 model (autocast on), and the default CPU step must not."""
+    dtypes = {}
+    cfg = bench.reduced_config(8)
+    for amp in (False, True):
+        step = bench.SuiteStep(cfg, torch.device("cpu"), amp=True if amp else None)
+
+        def record(module, inputs, output, amp=amp):
+            dtypes.setdefault(amp, output.dtype)
+
+        step.model.backbone.blocks[0].mlp.fc1.register_forward_hook(record)
+        step()
+    assert dtypes == {False: torch.float32, True: torch.bfloat16}
+    r = bench.bf16_vs_fp32(bench.BenchPlan(blocks=1, block_steps=1), 8, torch.device("cpu"))
+    assert r["bf16_step_s"] > 0 and r["fp32_step_s"] > 0 and r["bf16_peak"]["what"].startswith("bfloat16")
