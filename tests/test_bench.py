@@ -107,3 +107,18 @@ def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32():
     assert dtypes == {False: torch.float32, True: torch.bfloat16}
     r = bench.bf16_vs_fp32(bench.BenchPlan(blocks=1, block_steps=1), 8, torch.device("cpu"))
     assert r["bf16_step_s"] > 0 and r["fp32_step_s"] > 0 and r["bf16_peak"]["what"].startswith("bfloat16")
+
+
+def test_measured_table_minutes_sums_seed0_rows_and_names_their_cpus(tmp_path):
+    from replicate.results import ResultStore
+    from replicate.spec import all_specs
+
+    spec = next(s for s in all_specs() if s.key == "table8")
+    store = ResultStore(tmp_path, "reduced")
+    assert bench.measured_table_minutes(spec, tmp_path) == (None, set())  # nothing run yet
+    for i, row in enumerate(spec.rows):
+        prov = {"cpu": "CPU A"} if i == 0 else {}  # the second record predates CPU provenance
+        store.save(spec.key, row.name, 0, {"status": "ok", "wall_time_s": 60.0 * (i + 1), "provenance": prov})
+    minutes, cpus = bench.measured_table_minutes(spec, tmp_path)
+    assert minutes == pytest.approx(sum(range(1, len(spec.rows) + 1)))
+    assert cpus == {"CPU A", "unrecorded"}

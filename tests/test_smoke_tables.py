@@ -22,7 +22,7 @@ def test_table_runs_at_smoke_and_renders(spec, results_root):
         record = json.loads(store.path(spec.key, row.name, 0).read_text())
         assert record["status"] in ("ok", "diverged")
         assert record["config"]["setting"] == spec.setting(row).model_dump(mode="json")
-        assert record["provenance"]["packages"]["torch"]
+        assert record["provenance"]["packages"]["torch"] and record["provenance"]["cpu"]
         if record["status"] == "ok":
             assert record["metrics"] and all(0.0 <= v <= 100.0 for v in record["metrics"].values())
     text = render_table(spec, store, write=True)
