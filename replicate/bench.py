@@ -40,7 +40,7 @@ from .hostmem import retain_freed_memory
 from .moco import SelfSupervisedViT
 from .optim import build_optimizer
 from .profiles import PAPER, REDUCED
-from .results import cpu_info
+from .results import ResultStore, cpu_info
 
 # iterations per reduced epoch = pretraining images // batch (drop_last, as the trainer)
 FMNIST_TRAIN_IMAGES = REDUCED.train_subset or 60000
@@ -206,9 +206,8 @@ def time_steps(step, warmup: int, steps: int, device: torch.device) -> dict:
     return {"warmup_s": warm_s, "step_s": statistics.median(times), "steps": steps, "all_s": times}
 
 
-def suite_throughput(cfg: RunConfig, device: torch.device, plan: BenchPlan, compile_backbones=False,
-                     amp: bool | None = None) -> dict:
-    step = SuiteStep(cfg, device, compile_backbones, amp)
+def suite_throughput(cfg: RunConfig, device: torch.device, plan: BenchPlan, compile_backbones=False) -> dict:
+    step = SuiteStep(cfg, device, compile_backbones)
     t = time_steps(step, plan.warmup, plan.steps, device)
     return {"batch": cfg.batch_size, "images_per_s": cfg.batch_size / t["step_s"], **t}
 
@@ -550,8 +549,6 @@ def threads_throughput(plan: BenchPlan, device: torch.device, batch: int) -> lis
 def measured_table_minutes(spec, results_root: str | Path = "results") -> tuple[float | None, set[str]]:
     """Wall time of seed 0 of every row of ``spec`` from committed reduced results, if all rows are there, and the
     CPUs those rows ran on (from their provenance; "unrecorded" for results written before it was kept)."""
-    from .results import ResultStore
-
     store = ResultStore(results_root, "reduced")
     records = [store.load(spec.key, row.name, 0) for row in spec.rows]
     if any(r is None or "wall_time_s" not in r for r in records):
@@ -593,7 +590,7 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
         near = min(measured, key=lambda b: abs(math.log(b / cfg.batch_size)))
         return measured[near] * flops(reduced_config(near))["train"] / flops(cfg)["train"], "scaled"
 
-    out = []
+    out, this_cpu = [], cpu_info()[0]
     for spec in all_specs():
         total_s, iters, how = 0.0, 0, set()
         for row in spec.rows:
@@ -612,7 +609,7 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
             note = "bigger models timed directly"
         measured_min, cpus = measured_table_minutes(spec)
         where = ("measured on a CPU not recorded in the results" if "unrecorded" in cpus else
-                 "measured on another CPU" if cpus - {cpu_info()[0]} else "")
+                 "measured on another CPU" if cpus - {this_cpu} else "")
         note = "; ".join(filter(None, [note, where]))
         out.append({"table": spec.key, "title": spec.title, "rows": len(spec.rows), "iterations": iters,
                     "hours": total_s / 3600, "measured_min": measured_min, "notes": note})
