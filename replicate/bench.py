@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-from .augment import TwoViewBatchAugment
 from .config import RunConfig, Setting
 from .data import channel_stats
 from .hostmem import retain_freed_memory
@@ -41,6 +40,7 @@ from .moco import SelfSupervisedViT
 from .optim import build_optimizer
 from .profiles import PAPER, REDUCED
 from .results import ResultStore, cpu_info
+from .trainer import make_augment
 
 # iterations per reduced epoch = pretraining images // batch (drop_last, as the trainer)
 FMNIST_TRAIN_IMAGES = REDUCED.train_subset or 60000
@@ -75,10 +75,6 @@ class BenchPlan:
         return cls(batch_sizes=(16,), warmup=1, steps=1, pipeline_batches=1, knn_train=2000, knn_test=500,
                    compile=False, threads=False, vitb=False, plain_workers=(0,), blocks=1, block_steps=1,
                    settle_s=0.0, shape_steps=0)
-
-    @classmethod
-    def cuda(cls) -> BenchPlan:
-        return cls(batch_sizes=(256, 1024, 4096), warmup=5, steps=20, vitb_batch=64, vitb_steps=10, block_steps=10)
 
 
 def sync(device: torch.device) -> None:
@@ -147,12 +143,9 @@ class SuiteStep:
         self.cfg, self.device = cfg, device
         self.model = SelfSupervisedViT(cfg).to(device).train()
         if compile_backbones:
-            for module in (self.model.backbone, getattr(self.model, "momentum_backbone", None)):
-                if module is not None:
-                    module.compile()
+            self.model.compile_backbones()
         self.optimizer = build_optimizer(cfg, self.model)
-        mean, std = channel_stats(cfg.dataset)
-        self.augment = TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std)
+        self.augment = make_augment(cfg, compile=compile_backbones)
         pool = min(4 * cfg.batch_size, max(cfg.batch_size, 2048))
         self.images = torch.rand(pool, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
         self.gen = torch.Generator(device=device).manual_seed(0)
@@ -214,13 +207,21 @@ def suite_throughput(cfg: RunConfig, device: torch.device, plan: BenchPlan, comp
 
 # ------------------------------------------------------------------------------------ the plain reference
 class PlainTwoViewDataset(torch.utils.data.Dataset):
-    """Per-image PIL augmentation of 28x28 grayscale images, as a straightforward Algorithm 1 would load data."""
+    """Per-image PIL augmentation, as a straightforward Algorithm 1 would load data: for RGB images the official
+    ``main_moco.py`` pipeline (the suite's paper path), for 28x28 grayscale its one-channel adaptation."""
 
-    def __init__(self, images_u8: np.ndarray, cfg: RunConfig):
+    def __init__(self, images_u8: np.ndarray, cfg: RunConfig, length: int | None = None, two_views=None):
         from PIL import ImageFilter, ImageOps
         from torchvision import transforms as T
 
-        self.images = images_u8
+        from .augment import two_view_pil_transforms
+
+        self.images, self.length, self.two_views = images_u8, length or len(images_u8), two_views
+        if two_views is not None:  # another per-image pipeline (the suite's crops-only one, in the GPU bench)
+            return
+        if cfg.in_chans == 3:
+            self.two_views = two_view_pil_transforms(cfg.image_size, cfg.crop_min)
+            return
         lo, hi = cfg.blur_sigma
 
         def blur(img):
@@ -230,18 +231,25 @@ class PlainTwoViewDataset(torch.utils.data.Dataset):
         common = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min, 1.0)),
                   T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
         tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
-        self.view1 = T.Compose(common + [T.Lambda(blur)] + tail)
-        self.view2 = T.Compose(common + [T.RandomApply([T.Lambda(blur)], p=0.1),
-                                         T.RandomApply([T.Lambda(ImageOps.solarize)], p=0.2)] + tail)
+        view1 = T.Compose(common + [T.Lambda(blur)] + tail)
+        view2 = T.Compose(common + [T.RandomApply([T.Lambda(blur)], p=0.1),
+                                    T.RandomApply([T.Lambda(ImageOps.solarize)], p=0.2)] + tail)
+        self.two_views = lambda img: (view1(img), view2(img))
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.length
 
     def __getitem__(self, i: int):
         from PIL import Image
 
-        img = Image.fromarray(self.images[i])  # uint8 (H, W) -> mode "L"
-        return self.view1(img), self.view2(img)
+        return self.two_views(Image.fromarray(self.images[i % len(self.images)]))  # (H, W) -> "L", (H, W, 3) -> RGB
+
+
+def plain_images(cfg: RunConfig, n: int) -> np.ndarray:
+    """Random uint8 source images: the dataset's size for 28² grayscale, 256² (a decoded, resized ImageNet JPEG's
+    scale) for RGB."""
+    shape = (cfg.image_size, cfg.image_size) if cfg.in_chans == 1 else (256, 256, 3)
+    return np.random.default_rng(0).integers(0, 256, (n, *shape), np.uint8)
 
 
 def plain_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
@@ -260,13 +268,15 @@ def plain_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
 
 
 class PlainStep:
-    """Algorithm 1 of the paper written plainly: DataLoader of PIL views, eager timm ViT, loop momentum update."""
+    """Algorithm 1 of the paper written plainly: DataLoader of PIL views, eager timm ViT, loop momentum update.
+    ``amp``: bf16 autocast, as the official code's AMP (used on GPU, where the suite autocasts too)."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device, num_workers: int):
+    def __init__(self, cfg: RunConfig, device: torch.device, num_workers: int, amp: bool = False,
+                 pool: int | None = None):
         import timm
 
         torch.manual_seed(0)
-        self.cfg, self.device, self.m, self.tau = cfg, device, 0.99, cfg.setting.temperature
+        self.cfg, self.device, self.m, self.tau, self.amp = cfg, device, 0.99, cfg.setting.temperature, amp
         base = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=cfg.image_size,
                                  patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
                                  depth=cfg.depth, num_heads=cfg.num_heads)
@@ -277,13 +287,13 @@ class PlainStep:
             p.requires_grad = False
         params = [*self.f_q.parameters(), *self.predictor.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        rng = np.random.default_rng(0)
         # 64 batches: no epoch ends within the bench (~45 steps). An epoch's last steps run with the DataLoader
         # worker idle (nothing left to prefetch), i.e. uncontended and unrepresentatively fast.
-        images = rng.integers(0, 256, (64 * cfg.batch_size, cfg.image_size, cfg.image_size), np.uint8)
-        self.loader = torch.utils.data.DataLoader(PlainTwoViewDataset(images, cfg), batch_size=cfg.batch_size,
-                                                  shuffle=True, drop_last=True, num_workers=num_workers,
-                                                  persistent_workers=num_workers > 0,
+        length = 64 * cfg.batch_size
+        dataset = PlainTwoViewDataset(plain_images(cfg, min(length, pool or length)), cfg, length)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                                  num_workers=num_workers, persistent_workers=num_workers > 0,
+                                                  pin_memory=device.type == "cuda",
                                                   # Linux's default, also inside the bench's spawned child
                                                   multiprocessing_context="fork" if num_workers and
                                                   sys.platform.startswith("linux") else None)
@@ -301,18 +311,21 @@ class PlainStep:
         logits = torch.einsum("nc,mc->nm", q, k) / self.tau
         return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * 2 * self.tau
 
-    def __call__(self) -> None:
-        x1, x2 = self.next_batch()
-        x1, x2 = x1.to(self.device), x2.to(self.device)
-        q1, q2 = self.predictor(self.f_q(x1)), self.predictor(self.f_q(x2))
-        with torch.no_grad():
-            for p_k, p_q in zip(self.f_k.parameters(), self.f_q.parameters()):
-                p_k.data = p_k.data * self.m + p_q.data * (1.0 - self.m)
-            k1, k2 = self.f_k(x1), self.f_k(x2)
-        loss = self.ctr(q1, k2) + self.ctr(q2, k1)
+    def model_step(self, x1: torch.Tensor, x2: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            q1, q2 = self.predictor(self.f_q(x1)), self.predictor(self.f_q(x2))
+            with torch.no_grad():
+                for p_k, p_q in zip(self.f_k.parameters(), self.f_q.parameters()):
+                    p_k.data = p_k.data * self.m + p_q.data * (1.0 - self.m)
+                k1, k2 = self.f_k(x1), self.f_k(x2)
+            loss = self.ctr(q1, k2) + self.ctr(q2, k1)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+
+    def __call__(self) -> None:
+        x1, x2 = self.next_batch()
+        self.model_step(x1.to(self.device), x2.to(self.device))
 
 
 def _plain_worker_main(conn, cfg_json: str, num_workers: int, warmup: int, device: str) -> None:
@@ -422,8 +435,7 @@ def head_to_head(cfg: RunConfig, device: torch.device, plan: BenchPlan, train_fl
 # ----------------------------------------------------------------------------------- pipeline and kNN
 def pipeline_throughput(plan: BenchPlan, device: torch.device, batch: int = 256) -> dict:
     cfg = reduced_config()
-    mean, std = channel_stats(cfg.dataset)
-    augment = TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std)
+    augment = make_augment(cfg)
     images = torch.rand(batch, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     t = time_steps(lambda: augment(images, g), 2, plan.pipeline_batches, device)
@@ -705,7 +717,7 @@ def targets(res: dict, plan: BenchPlan) -> list[dict]:
 
 
 def _g(x: float) -> str:
-    return f"{x / 1e9:.1f} G" if x >= 1e9 else f"{x / 1e6:.1f} M"
+    return f"{x / 1e12:.1f} T" if x >= 1e12 else f"{x / 1e9:.1f} G" if x >= 1e9 else f"{x / 1e6:.1f} M"
 
 
 def render(res: dict) -> str:
@@ -844,16 +856,27 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/bench/README.md", help="markdown report (raw numbers: .json beside it)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="With a CUDA GPU present the GPU bench (replicate/bench_gpu.py) runs instead "
+                                        "and writes results/bench/gpu.md.")
+    ap.add_argument("--out", default=None,
+                    help="markdown report (raw numbers: .json beside it); default results/bench/README.md on CPU, "
+                         "results/bench/gpu.md on GPU")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for tests (< 30 s)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    plan = BenchPlan.quick() if args.quick else (BenchPlan.cuda() if device.type == "cuda" else BenchPlan())
-    res = run_bench(plan, device, log=lambda m: print(m, file=sys.stderr, flush=True))
-    out = Path(args.out)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if device.type == "cuda":
+        from .bench_gpu import GpuPlan, render_gpu, run_gpu_bench
+
+        res = run_gpu_bench(GpuPlan.quick() if args.quick else GpuPlan(), device, log)
+        text, out = render_gpu(res), Path(args.out or "results/bench/gpu.md")
+    else:
+        plan = BenchPlan.quick() if args.quick else BenchPlan()
+        res = run_bench(plan, device, log)
+        text, out = render(res), Path(args.out or "results/bench/README.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(res))
+    out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     print(f"wrote {out}", file=sys.stderr)
     return res

@@ -69,6 +69,14 @@ class SelfSupervisedViT(nn.Module):
     def momentum_parameters(self) -> list[nn.Parameter]:
         return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
 
+    def compile_backbones(self) -> None:
+        """``torch.compile`` the ViTs (nearly all of a step's FLOPs), in place: state-dict keys are unchanged. The
+        heads and the momentum update stay eager, so the per-step momentum coefficient never triggers a recompile
+        (compiling the whole forward did: m is a python float)."""
+        for module in (self.backbone, getattr(self, "momentum_backbone", None)):
+            if module is not None:
+                module.compile()
+
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
         """f_k <- m f_k + (1 - m) f_q over parameters (buffers such as BN statistics are not averaged)."""

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed as D
+from .augment import TwoViewBatchAugment
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_states
 from .config import RunConfig
 from .data import channel_stats, is_tensor_dataset, pretraining_split
@@ -53,7 +54,14 @@ def seed_everything(seed: int) -> None:
 
 
 CHECKPOINT_EVERY_ENV = "REPLICATE_CHECKPOINT_EVERY"
-COMPILE_ENV = "REPLICATE_COMPILE"  # =1: torch.compile the training step's model
+COMPILE_ENV = "REPLICATE_COMPILE"  # 1/0: torch.compile the backbones or not; unset: on GPU only
+
+
+def compile_wanted(device: torch.device) -> bool:
+    """``$REPLICATE_COMPILE`` (1/0), else on GPU only: the bench measured ViT-B/16 1.25x faster compiled on an H100,
+    and 1.00-1.07x on the 2-core CPU, not worth a compile per row (results/bench/)."""
+    value = os.environ.get(COMPILE_ENV, "")
+    return device.type == "cuda" if value == "" else value != "0"
 
 
 def checkpoint_interval(cfg: RunConfig) -> int:
@@ -74,6 +82,11 @@ def checkpoint_interval(cfg: RunConfig) -> int:
     return every
 
 
+def make_augment(cfg: RunConfig, compile: bool = False) -> TwoViewBatchAugment:
+    mean, std = channel_stats(cfg.dataset)
+    return TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std, compile=compile)
+
+
 class TensorBatches:
     """Epoch-seeded permutations of an in-memory dataset, sharded over processes; resumable at any step."""
 
@@ -85,10 +98,7 @@ class TensorBatches:
         self.iters_per_epoch = len(self.labels) // cfg.batch_size  # drop_last, as the official loader
         if self.iters_per_epoch == 0:
             raise ValueError(f"batch {cfg.batch_size} exceeds the {len(self.labels)} training images")
-        from .augment import TwoViewBatchAugment
-
-        mean, std = channel_stats(cfg.dataset)
-        self.augment = TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std)
+        self.augment = make_augment(cfg, compile=compile_wanted(device))
 
     def batch(self, step: int):
         """This process's slice of the views for global iteration ``step``.
@@ -108,16 +118,18 @@ class TensorBatches:
 
 
 class FolderBatches:
-    """ImageFolder data (paper scale): the official per-image pipeline in DataLoader workers."""
+    """ImageFolder data (paper scale): DataLoader workers decode and crop each image (``two_view_pil_crops``, uint8);
+    the photometric part of the recipe runs batched on the device, one generator per (seed, step, rank)."""
 
     def __init__(self, cfg: RunConfig, data_root: str | None, device: torch.device):
         from torchvision.datasets import ImageFolder
 
-        from .augment import two_view_pil_transforms
+        from .augment import two_view_pil_crops
         from .data import imagenet_folder
 
         self.ds = ImageFolder(str(imagenet_folder(data_root, "train")),
-                              transform=two_view_pil_transforms(cfg.image_size, cfg.crop_min))
+                              transform=two_view_pil_crops(cfg.image_size, cfg.crop_min))
+        self.augment = make_augment(cfg, compile=compile_wanted(device))
         self.cfg, self.device = cfg, device
         self.local_batch = cfg.batch_size // D.world_size()
         self.iters_per_epoch = len(self.ds) // cfg.batch_size
@@ -130,11 +142,13 @@ class FolderBatches:
             perm = torch.randperm(len(self.ds), generator=g)[: self.iters_per_epoch * self.cfg.batch_size]
             mine = perm.view(-1, D.world_size(), self.local_batch)[i:, D.rank()].reshape(-1).tolist()
             loader = torch.utils.data.DataLoader(self.ds, batch_size=self.local_batch, sampler=mine,
-                                                 num_workers=self.cfg.num_workers, pin_memory=True,
+                                                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                                                  persistent_workers=False)
             self._epoch, self._it = epoch, iter(loader)
-        (x1, x2), y = next(self._it)
-        return (x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True),
+        (c1, c2), y = next(self._it)
+        g = torch.Generator(device=self.device).manual_seed((self.cfg.seed * 7919 + step) * 1024 + D.rank())
+        x1, x2 = (c.to(self.device, non_blocking=True).float().div_(255) for c in (c1, c2))
+        return (self.augment.photometric(x1, g, view=1), self.augment.photometric(x2, g, view=2),
                 y.to(self.device, non_blocking=True))
 
 
@@ -194,11 +208,10 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     # Frozen parameters (random patch projection, sin-cos table, momentum encoder) have requires_grad=False, so
     # DDP never waits for their gradients; every trainable one is used by every framework, so no
     # find_unused_parameters. The momentum update inside forward touches only non-DDP (frozen) parameters.
+    if compile_wanted(device):
+        model.compile_backbones()
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if D.is_dist() else model)
-    if os.environ.get(COMPILE_ENV, "") not in ("", "0"):
-        # Opt-in: it pays off on GPUs; on the 2-core CPU the bench measured it slower than eager (see results/bench).
-        ddp = torch.compile(ddp)
     use_amp = device.type == "cuda"
     if use_amp:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -122,3 +122,31 @@ def test_measured_table_minutes_sums_seed0_rows_and_names_their_cpus(tmp_path):
     minutes, cpus = bench.measured_table_minutes(spec, tmp_path)
     assert minutes == pytest.approx(sum(range(1, len(spec.rows) + 1)))
     assert cpus == {"CPU A", "unrecorded"}
+
+
+@pytest.mark.smoke
+def test_gpu_bench_runs_end_to_end_on_the_cpu_with_the_reduced_model():
+    """The GPU bench's code path (here on the CPU, reduced model): every section, MFU consistent with its inputs."""
+    from replicate.bench_gpu import GpuPlan, datasheet_peak, render_gpu, run_gpu_bench
+
+    res = run_gpu_bench(GpuPlan.quick(), torch.device("cpu"), log=lambda m: None)
+    row = res["steps"][0]
+    assert row["status"] == "ok" and row["mfu"] == pytest.approx(
+        res["flops"]["train"] * row["images_per_s"] / res["peak"]["flops_per_s"])
+    assert {r["pipeline"].split(":")[0] for r in res["loader"]} == {"official", "suite"}
+    assert res["plain"]["speedup"] > 0 and res["plain"]["model_speedup"] > 0
+    text = render_gpu(res)
+    for heading in ("## Targets", "## 1. Peak", "## 2. ViT-B/16", "## 3. Where", "## 4. The paper path"):
+        assert heading in text
+    assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989.4e12 and datasheet_peak("NVIDIA H100 PCIe") == 756e12
+    assert datasheet_peak("Tesla T4") is None
+
+
+def test_folder_suite_step_feeds_rgb_crops_through_the_batched_photometric_ops():
+    from replicate.bench_gpu import FolderSuiteStep
+
+    cfg = bench.reduced_config(4).model_copy(update={"depth": 1, "in_chans": 3, "dataset": "imagenet",
+                                                     "image_size": 28})
+    step = FolderSuiteStep(cfg, torch.device("cpu"), workers=0, compile_backbones=False)
+    x1, x2 = step.views()
+    assert x1.shape == x2.shape == (4, 3, 28, 28) and not torch.allclose(x1, x2)

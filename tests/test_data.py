@@ -75,3 +75,105 @@ def test_crop_flip_flips_about_half_and_keeps_constant_images():
     assert 0.4 < float(left_bright) < 0.6
     const = aug.crop_flip(torch.full((4, 1, 28, 28), 0.3), torch.Generator().manual_seed(0))
     assert torch.allclose(const, torch.full_like(const, 0.3), atol=1e-5)
+
+
+# ------------------------------------------------------------------ the RGB recipe and the ImageFolder (paper) path
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_colour_ops_equal_torchvision_per_image(device):
+    import torchvision.transforms.functional as TF
+
+    from replicate import augment as A
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 17, 19, generator=g)
+    x[0] = 0.5  # a gray image: hue undefined, saturation 0
+    cases = [(A.adjust_brightness, TF.adjust_brightness, 0.6, 1.4), (A.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+             (A.adjust_saturation, TF.adjust_saturation, 0.8, 1.2), (A.adjust_hue, TF.adjust_hue, -0.1, 0.1)]
+    for ours, theirs, lo, hi in cases:
+        f = lo + (hi - lo) * torch.rand(6, generator=g)
+        got = ours(x.to(device), f.view(6, 1, 1, 1).to(device)).cpu()
+        want = torch.stack([theirs(x[i], float(f[i])) for i in range(6)])
+        assert torch.allclose(got, want, atol=1e-6), ours.__name__
+    assert torch.allclose(A.rgb_to_gray(x), TF.rgb_to_grayscale(x), atol=1e-7)
+
+
+def test_rgb_jitter_and_grayscale_apply_at_their_rates():
+    aug = TwoViewBatchAugment(8, 1.0, (0.1, 2.0), (0.5,) * 3, (0.25,) * 3)
+    x = torch.rand(2000, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    jittered = aug.jitter_rgb(x, torch.Generator().manual_seed(2))
+    changed = (jittered - x).abs().flatten(1).amax(1) > 1e-4
+    assert 0.76 < float(changed.float().mean()) < 0.84  # p = 0.8
+    assert torch.equal(aug.jitter_rgb(x, torch.Generator().manual_seed(2), p=0.0), x)
+    gray = aug.grayscale(x, torch.Generator().manual_seed(3))
+    is_gray = (gray[:, 0] == gray[:, 1]).flatten(1).all(1) & (gray[:, 1] == gray[:, 2]).flatten(1).all(1)
+    assert 0.17 < float(is_gray.float().mean()) < 0.23  # p = 0.2
+
+
+def test_grayscale_recipe_unchanged():
+    """The reduced profile's augmentation draws the same random numbers in the same order as when the committed
+    results were made (a change here changes every reduced number)."""
+    aug = TwoViewBatchAugment(28, 0.35, (0.1, 0.6), (0.286,), (0.353,))
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    v1, v2 = aug(x, torch.Generator().manual_seed(5))
+    assert v1.double().sum().item() == pytest.approx(31318.827, abs=0.05)
+    assert v2.double().sum().item() == pytest.approx(24199.949, abs=0.05)
+
+
+def tiny_image_folder(root, classes=2, per_class=8, size=40):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / "train" / f"n{c:08d}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size + 7, 3), np.uint8)).save(d / f"{i}.JPEG")
+    return root
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_folder_batches_crop_in_workers_and_augment_on_device(tmp_path, device):
+    from replicate.config import Setting
+    from replicate.profiles import SMOKE
+    from replicate.trainer import FolderBatches, pretrain
+
+    cfg = SMOKE.resolve(Setting()).model_copy(update={"dataset": "imagenet", "image_size": 32, "in_chans": 3,
+                                                      "batch_size": 8, "num_workers": 1, "epochs": 2})
+    root = tiny_image_folder(tmp_path)
+    batches = FolderBatches(cfg, str(root), torch.device(device))
+    x1, x2, y = batches.batch(0)
+    assert x1.shape == x2.shape == (8, 3, 32, 32) and x1.dtype == torch.float32 and x1.device.type == device
+    assert set(y.tolist()) <= {0, 1} and not torch.allclose(x1, x2)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    for v in (x1, x2):  # normalised images of [0, 1] pixels
+        pixels = v * std + mean
+        assert -1e-5 <= float(pixels.min()) and float(pixels.max()) <= 1 + 1e-5
+    result = pretrain(cfg, str(root), progress=False)  # two epochs of two iterations, end to end
+    assert result.status == "ok" and result.iterations == 4
+
+
+def test_compile_is_on_for_gpus_only_unless_asked(monkeypatch):
+    from replicate.trainer import COMPILE_ENV, compile_wanted
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert not compile_wanted(torch.device("cpu")) and compile_wanted(torch.device("cuda"))
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    assert compile_wanted(torch.device("cpu"))
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert not compile_wanted(torch.device("cuda"))
+
+
+def test_compiled_backbones_keep_state_dict_keys():
+    from replicate.config import Setting
+    from replicate.moco import SelfSupervisedViT
+    from replicate.profiles import SMOKE
+
+    model = SelfSupervisedViT(SMOKE.resolve(Setting()))
+    keys = list(model.state_dict())
+    model.compile_backbones()  # lazy: nothing compiles until a forward
+    assert list(model.state_dict()) == keys  # checkpoints of compiled and eager runs are interchangeable
