@@ -823,8 +823,8 @@ def render(res: dict) -> str:
         md += [(f"torch.compile of both backbones (`nn.Module.compile`, inductor), against eager in the same "
                f"process, interleaved blocks: compile + warm-up {c['warmup_s']:.0f} s, then "
                f"{c['compiled_step_s']:.3f} s/step vs {c['eager_step_s']:.3f} s/step eager at batch {c['batch']}: "
-               f"**{c['speedup']:.2f}x** (median of per-block ratios). Opt-in in the trainer "
-               "(`REPLICATE_COMPILE=1`)."), ""]
+               f"**{c['speedup']:.2f}x** (median of per-block ratios). The trainer compiles on GPUs only "
+               "(`REPLICATE_COMPILE=1` turns it on for CPU runs)."), ""]
     else:
         md += [f"torch.compile: {c['status']}.", ""]
     b = res.get("bf16")
