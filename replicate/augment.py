@@ -169,18 +169,23 @@ def apply_color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tens
     return x
 
 
-def two_view_pil_crops(image_size: int, crop_min: float):
+class TwoPilCrops:
     """Per image: two independent RandomResizedCrop + horizontal flip, as uint8 tensors (the photometric part of
-    the recipe then runs batched, ``TwoViewBatchAugment.photometric``)."""
-    from torchvision import transforms as T
+    the recipe then runs batched, ``TwoViewBatchAugment.photometric``). A class, not a closure, so that DataLoader
+    workers started by spawn or forkserver can unpickle it."""
 
-    crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(),
-                      T.PILToTensor()])
+    def __init__(self, image_size: int, crop_min: float):
+        from torchvision import transforms as T
 
-    def two_crops(img):
-        return crop(img), crop(img)
+        self.crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(),
+                               T.PILToTensor()])
 
-    return two_crops
+    def __call__(self, img):
+        return self.crop(img), self.crop(img)
+
+
+def two_view_pil_crops(image_size: int, crop_min: float) -> TwoPilCrops:
+    return TwoPilCrops(image_size, crop_min)
 
 
 def two_view_pil_transforms(image_size: int, crop_min: float):

@@ -177,3 +177,15 @@ def test_compiled_backbones_keep_state_dict_keys():
     keys = list(model.state_dict())
     model.compile_backbones()  # lazy: nothing compiles until a forward
     assert list(model.state_dict()) == keys  # checkpoints of compiled and eager runs are interchangeable
+
+
+def test_pil_crops_survive_pickling_for_spawned_workers():
+    import pickle
+
+    from PIL import Image
+
+    from replicate.augment import two_view_pil_crops
+
+    crops = pickle.loads(pickle.dumps(two_view_pil_crops(24, 0.5)))
+    a, b = crops(Image.new("RGB", (40, 30), (10, 20, 30)))
+    assert a.shape == b.shape == (3, 24, 24) and a.dtype == torch.uint8 and int(a[0, 0, 0]) == 10
