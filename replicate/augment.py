@@ -108,6 +108,12 @@ class TwoViewBatchAugment:
         x = self.blur(x, g, p=1.0) if view == 1 else self.solarize(self.blur(x, g, p=0.1), g, p=0.2)
         return self.normalize(x)
 
+    def from_crops(self, c1: torch.Tensor, c2: torch.Tensor, g: torch.Generator,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views from the workers' uint8 crops (``two_view_pil_crops``): to ``device``, to [0, 1], photometric."""
+        x1, x2 = (c.to(device, non_blocking=True).float().div_(255) for c in (c1, c2))
+        return self.photometric(x1, g, view=1), self.photometric(x2, g, view=2)
+
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         v1 = self.photometric(self.crop_flip(x, g), g, view=1)
         v2 = self.photometric(self.crop_flip(x, g), g, view=2)

@@ -252,6 +252,12 @@ def plain_images(cfg: RunConfig, n: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, *shape), np.uint8)
 
 
+def endless(loader):
+    """A DataLoader's batches without end: a new epoch starts when one runs out."""
+    while True:
+        yield from loader
+
+
 def plain_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
     """The official moco-v3 ``_build_mlp``, verbatim in structure."""
     mlp = []
@@ -291,20 +297,13 @@ class PlainStep:
         # worker idle (nothing left to prefetch), i.e. uncontended and unrepresentatively fast.
         length = 64 * cfg.batch_size
         dataset = PlainTwoViewDataset(plain_images(cfg, min(length, pool or length)), cfg, length)
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                                  num_workers=num_workers, persistent_workers=num_workers > 0,
-                                                  pin_memory=device.type == "cuda",
-                                                  # Linux's default, also inside the bench's spawned child
-                                                  multiprocessing_context="fork" if num_workers and
-                                                  sys.platform.startswith("linux") else None)
-        self.it = iter(self.loader)
-
-    def next_batch(self):
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            return next(self.it)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                             num_workers=num_workers, persistent_workers=num_workers > 0,
+                                             pin_memory=device.type == "cuda",
+                                             # Linux's default, also inside the bench's spawned child
+                                             multiprocessing_context="fork" if num_workers and
+                                             sys.platform.startswith("linux") else None)
+        self.batches = endless(loader)
 
     def ctr(self, q, k):
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
@@ -324,7 +323,7 @@ class PlainStep:
         self.optimizer.step()
 
     def __call__(self) -> None:
-        x1, x2 = self.next_batch()
+        x1, x2 = next(self.batches)
         self.model_step(x1.to(self.device), x2.to(self.device))
 
 

@@ -33,6 +33,7 @@ from .bench import (
     SuiteStep,
     _g,
     count_step_flops,
+    endless,
     interleaved_ratio,
     matmul_peak,
     paper_config,
@@ -93,8 +94,6 @@ def step_row(plan: GpuPlan, batch: int, compiled: bool, device: torch.device, fl
         t = time_steps(step, plan.warmup + (3 if compiled else 0), plan.steps, device)
     except torch.OutOfMemoryError:
         return {**row, "status": "out of memory"}
-    finally:
-        step = None  # noqa: F841 -- frees the model before the next row
     ips = batch / t["step_s"]
     return {**row, "status": "ok", **t, "images_per_s": ips, "achieved_flops": flops_per_image * ips,
             "mfu": flops_per_image * ips / peak, "memory_gb": peak_memory_gb(device)}
@@ -192,17 +191,10 @@ class FolderSuiteStep(SuiteStep):
 
     def __init__(self, cfg, device: torch.device, workers: int, compile_backbones: bool):
         super().__init__(cfg, device, compile_backbones)
-        self.loader = crops_loader(cfg, workers, 64 * cfg.batch_size)
-        self.it = iter(self.loader)
+        self.batches = endless(crops_loader(cfg, workers, 64 * cfg.batch_size))
 
     def views(self):
-        try:
-            c1, c2 = next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            c1, c2 = next(self.it)
-        x1, x2 = (c.to(self.device, non_blocking=True).float().div_(255) for c in (c1, c2))
-        return self.augment.photometric(x1, self.gen, view=1), self.augment.photometric(x2, self.gen, view=2)
+        return self.augment.from_crops(*next(self.batches), self.gen, self.device)
 
 
 def plain_vs_suite(plan: GpuPlan, batch: int, workers: int, device: torch.device) -> dict:

@@ -147,9 +147,7 @@ class FolderBatches:
             self._epoch, self._it = epoch, iter(loader)
         (c1, c2), y = next(self._it)
         g = torch.Generator(device=self.device).manual_seed((self.cfg.seed * 7919 + step) * 1024 + D.rank())
-        x1, x2 = (c.to(self.device, non_blocking=True).float().div_(255) for c in (c1, c2))
-        return (self.augment.photometric(x1, g, view=1), self.augment.photometric(x2, g, view=2),
-                y.to(self.device, non_blocking=True))
+        return (*self.augment.from_crops(c1, c2, g, self.device), y.to(self.device, non_blocking=True))
 
 
 def make_batches(cfg: RunConfig, data_root: str | None, device: torch.device):
