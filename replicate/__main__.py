@@ -11,6 +11,12 @@ EPILOG = """examples:
   python -m replicate run tables/05_position_embedding.yaml --profile smoke
   python -m replicate show table10 --profile paper
   torchrun --nproc_per_node 8 -m replicate run table5 --profile paper --data-root /data/imagenet
+
+environment (runtime knobs; they change speed, not what a row means):
+  REPLICATE_CPU_MATMUL=bf16|fp32   CPU matmul precision (default: bf16 on CPUs with AMX/AVX512-BF16, else fp32)
+  REPLICATE_COMPILE=1|0            torch.compile the ViTs (default: on GPU only)
+  REPLICATE_CHECKPOINT_EVERY=N     checkpoint interval in iterations (default: the profile's)
+  REPLICATE_MALLOC=default         leave glibc's allocator settings alone on CPU
 """
 
 
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .distributed import LaunchError, shutdown
+    from .precision import PrecisionError, cpu_matmul_precision
     from .results import ResultsError
     from .spec import SpecError, all_specs, find_spec, load_spec
 
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.seeds < 1:
             raise SpecError(f"--seeds must be at least 1 (got {args.seeds})")
+        cpu_matmul_precision()  # a mistyped $REPLICATE_CPU_MATMUL fails here, before any row runs
         from .runner import run_table
 
         store = run_table(spec, args.profile, args.seeds, args.force, args.data_root, args.results,
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(render_table(spec, store, write=True))
         return 0
-    except (SpecError, DataError, ResultsError, CheckpointError, LaunchError) as e:
+    except (SpecError, DataError, ResultsError, CheckpointError, LaunchError, PrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

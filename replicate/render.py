@@ -17,6 +17,7 @@ import argparse
 import math
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 from tabulate import tabulate
@@ -161,7 +162,7 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     if spec.claim:
         lines += [f"Paper's claim: {spec.claim}", ""]
     lines += [tabulate(rows_out, headers, tablefmt="github", disable_numparse=True), ""]
-    lines += _footer(spec, store, transfer)
+    lines += _footer(spec, store, transfer, records)
     figures = _figures(spec, store, records) if write and records else []
     lines += figures
     text = "\n".join(lines)
@@ -207,8 +208,17 @@ def _figures(spec: Spec, store: ResultStore, records: dict) -> list[str]:
     return write_figures(spec, store, records)
 
 
-def _footer(spec: Spec, store: ResultStore, transfer: bool) -> list[str]:
-    lines = []
+def _precision_line(records: dict) -> list[str]:
+    """How the runs shown multiplied (provenance.precision; results written before it was recorded ran in fp32)."""
+    counts = Counter(r.get("provenance", {}).get("precision", "fp32") for rs in records.values() for r in rs)
+    if not counts:
+        return []
+    return ["Pretraining precision: " + ", ".join(f"{p} ({n} run{'s' * (n > 1)})" for p, n in sorted(counts.items()))
+            + " (README, CPU precision).", ""]
+
+
+def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> list[str]:
+    lines = _precision_line(records)
     if transfer:
         targets = ", ".join(get_profile(store.profile).transfer_targets)
         lines += [f"Paper Δ: mean over the paper's targets known for both rows. Ours Δ: mean over our targets "

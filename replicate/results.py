@@ -40,6 +40,8 @@ def provenance(device: str) -> dict:
     import timm
     import torch
 
+    from .precision import training_precision
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
@@ -56,6 +58,7 @@ def provenance(device: str) -> dict:
         "device": device,
         "cpu": cpu_info()[0],  # wall times only compare on the same CPU
         "cpu_threads": torch.get_num_threads(),
+        "precision": training_precision(device.split(":")[0]),  # how pretraining multiplied (absent: fp32 on CPU)
         "host": platform.node(),
     }
 

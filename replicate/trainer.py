@@ -32,6 +32,7 @@ from .hostmem import retain_freed_memory
 from .moco import SelfSupervisedViT
 from .monitor import TrainingMonitor
 from .optim import build_optimizer
+from .precision import cpu_bf16_matmuls
 from .schedules import lr_schedule, momentum_schedule
 
 
@@ -226,27 +227,28 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
 
     bar = tqdm(range(start, end), initial=start, total=total, disable=not (progress and D.is_main()),
                desc=f"pretrain {cfg.setting.framework} seed {cfg.seed}", unit="it", leave=False, dynamic_ncols=True)
-    model.train()
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = float(lrs[step])
-        x1, x2, y = batches.batch(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, feats = ddp(x1, x2, float(ms[step]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # the global-batch loss: every process sees the same value, so all stop at the same step on divergence
-        monitor.track(D.all_reduce_mean(loss.detach()))
-        if monitor.should_flush(step, total):
-            if not monitor.flush(step, D.gather_no_grad(feats), D.gather_no_grad(y)):
-                status, diverged_at, trained = "diverged", monitor.diverged_at, step  # this step's update not applied
-                break
-            bar.set_postfix(loss=f"{monitor.last_loss:.3f}",
-                            knn=f"{monitor.last_knn:.1f}" if monitor.last_knn is not None else "-")
-        optimizer.step()
-        done = step + 1
-        if ckpt_path is not None and every and done % every == 0 and done < total:
-            save(done)
+    with cpu_bf16_matmuls(model, device):  # bf16 products on CPUs with bf16 units (replicate/precision.py)
+        model.train()
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = float(lrs[step])
+            x1, x2, y = batches.batch(step)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, feats = ddp(x1, x2, float(ms[step]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # the global-batch loss: every process sees the same value, so all stop at the same step on divergence
+            monitor.track(D.all_reduce_mean(loss.detach()))
+            if monitor.should_flush(step, total):
+                if not monitor.flush(step, D.gather_no_grad(feats), D.gather_no_grad(y)):
+                    status, diverged_at, trained = "diverged", monitor.diverged_at, step  # this step's update not applied
+                    break
+                bar.set_postfix(loss=f"{monitor.last_loss:.3f}",
+                                knn=f"{monitor.last_knn:.1f}" if monitor.last_knn is not None else "-")
+            optimizer.step()
+            done = step + 1
+            if ckpt_path is not None and every and done % every == 0 and done < total:
+                save(done)
     bar.close()
     if status == "ok" and ckpt_path is not None and end < total:
         save(end)  # stopped early (max_steps): leave a checkpoint to resume from

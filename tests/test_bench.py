@@ -88,7 +88,11 @@ def test_quick_bench_writes_report(tmp_path):
     assert all(t["hours"] > 0 for t in raw["tables"])
     h2h = raw["head_to_head"]  # interleaved blocks: one per plan block, each with the suite, the plain and a peak
     assert len(h2h["blocks"]) == 1 and h2h["speedup"] > 0 and 0 < h2h["fraction_of_peak"] < 1.5
-    assert h2h["blocks"][0]["speedup"] == pytest.approx(h2h["blocks"][0]["plain_s"]["0"] / h2h["blocks"][0]["suite_s"])
+    block = h2h["blocks"][0]
+    assert set(h2h["suite"]) == set(block["suite_s"]) and h2h["precision"] in h2h["suite"]
+    for p in h2h["suite"]:  # the default precision, and fp32 beside it where the default is bf16
+        assert block["speedup"][p] == pytest.approx(block["plain_s"]["0"] / block["suite_s"][p])
+    assert h2h["speedup"] == h2h["suite"][h2h["precision"]]["speedup"]
 
 
 @pytest.mark.smoke  # oneDNN builds its bf16 kernels on the first step: seconds
@@ -114,14 +118,21 @@ def test_measured_table_minutes_sums_seed0_rows_and_names_their_cpus(tmp_path):
     from replicate.spec import all_specs
 
     spec = next(s for s in all_specs() if s.key == "table8")
-    store = ResultStore(tmp_path, "reduced")
-    assert bench.measured_table_minutes(spec, tmp_path) == (None, set())  # nothing run yet
+    fp32_root, bf16_root = tmp_path / "fp32", tmp_path / "bf16"
+    roots = (fp32_root, bf16_root)
+    assert bench.measured_table_minutes(spec, "fp32", roots) == (None, set())  # nothing run yet
     for i, row in enumerate(spec.rows):
-        prov = {"cpu": "CPU A"} if i == 0 else {}  # the second record predates CPU provenance
-        store.save(spec.key, row.name, 0, {"status": "ok", "wall_time_s": 60.0 * (i + 1), "provenance": prov})
-    minutes, cpus = bench.measured_table_minutes(spec, tmp_path)
+        prov = {"cpu": "CPU A"} if i == 0 else {}  # the second record predates CPU (and precision) provenance
+        ResultStore(fp32_root, "reduced").save(spec.key, row.name, 0,
+                                                {"status": "ok", "wall_time_s": 60.0 * (i + 1), "provenance": prov})
+        ResultStore(bf16_root, "reduced").save(spec.key, row.name, 0, {
+            "status": "ok", "wall_time_s": 30.0, "provenance": {"cpu": "CPU B", "precision": "bf16 matmul"}})
+    minutes, cpus = bench.measured_table_minutes(spec, "fp32", roots)
     assert minutes == pytest.approx(sum(range(1, len(spec.rows) + 1)))
     assert cpus == {"CPU A", "unrecorded"}
+    # a table's time counts only runs in the precision asked for, wherever they are committed
+    assert bench.measured_table_minutes(spec, "bf16 matmul", roots) == (pytest.approx(len(spec.rows) / 2), {"CPU B"})
+    assert bench.measured_table_minutes(spec, "bf16 autocast", roots) == (None, set())
 
 
 @pytest.mark.smoke

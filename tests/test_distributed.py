@@ -35,6 +35,16 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 2e-6
 NOISE_DRIVEN = ("backbone.blocks.0.attn.qkv.bias", "backbone.norm.bias", "projector.1.running_mean")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fp32_matmuls():
+    """The tolerances above are fp32's: pin the CPU matmul precision (replicate/precision.py) for the spawned
+    processes and the one-process reference alike. With bf16 products, the reordered fp32 sums flip bf16 roundings
+    downstream, which is bf16's noise, not a difference in what the processes compute."""
+    with pytest.MonkeyPatch.context() as mp_env:
+        mp_env.setenv("REPLICATE_CPU_MATMUL", "fp32")
+        yield
+
+
 def noise_driven(key: str) -> bool:
     return key.endswith(NOISE_DRIVEN)
 

@@ -1,0 +1,75 @@
+"""CPU matmul precision: bf16 multiplies with fp32 accumulation where the CPU has bf16 units, as AMP does on GPUs.
+
+The paper trains with mixed precision (the official code autocasts to fp16; this suite autocasts to bf16 on GPUs).
+On CPUs, ``torch.autocast`` costs more in casts than it saves at the reduced model's small shapes (0.7x, measured
+by ``python -m replicate.bench``); oneDNN's implicit down-conversion (``torch.backends.mkldnn.matmul.fp32_precision
+= "bf16"``) instead rounds the fp32 operands to bf16 inside the matmul kernel and accumulates in fp32, so tensors,
+parameters, optimizer state and every elementwise op stay fp32: only the products are bf16, as on a GPU's tensor cores.
+
+PyTorch's CPU flash-attention kernel is ~20x slower under that setting at the reduced model's 17 tokens (measured),
+so timm's attention runs unfused (q k^T, softmax, v as two batched matmuls, which then also multiply in bf16).
+
+``$REPLICATE_CPU_MATMUL``: ``bf16`` or ``fp32``; unset: bf16 where the CPU multiplies bf16 natively (AMX or
+AVX512-BF16; elsewhere oneDNN would emulate it, slowly), else fp32. CUDA runs are unaffected (they autocast).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .results import cpu_info
+
+ENV = "REPLICATE_CPU_MATMUL"
+CHOICES = ("bf16", "fp32")
+
+
+class PrecisionError(ValueError):
+    """A bad ``$REPLICATE_CPU_MATMUL``."""
+
+
+def cpu_has_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
+
+
+def cpu_matmul_precision() -> str:
+    """``bf16`` or ``fp32``: ``$REPLICATE_CPU_MATMUL``, else bf16 where the CPU has native bf16."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value == "":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if value not in CHOICES:
+        raise PrecisionError(f"${ENV}={value!r}: expected one of {', '.join(CHOICES)} (or unset for the CPU's "
+                             "default)")
+    return value
+
+
+def training_precision(device_type: str) -> str:
+    """How a training step multiplies, for provenance: the CUDA autocast, or the CPU matmul precision."""
+    if device_type == "cuda":
+        return "bf16 autocast"
+    return "bf16 matmul, fp32 accumulate" if cpu_matmul_precision() == "bf16" else "fp32"
+
+
+@contextmanager
+def cpu_bf16_matmuls(model: nn.Module, device: torch.device, enabled: bool | None = None) -> Iterator[bool]:
+    """Within the block, CPU matmuls of ``model`` multiply in bf16 (fp32 accumulate) and its timm attention runs
+    unfused; both are restored on exit. Yields whether bf16 is on. No-op on CUDA or when the precision is fp32."""
+    on = device.type == "cpu" and (cpu_matmul_precision() == "bf16" if enabled is None else enabled)
+    if not on:
+        yield False
+        return
+    attention = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    fused = [m.fused_attn for m in attention]
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    for m in attention:
+        m.fused_attn = False
+    try:
+        yield True
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+        for m, f in zip(attention, fused):
+            m.fused_attn = f

@@ -1,0 +1,68 @@
+"""CPU matmul precision (replicate/precision.py): bf16 products only inside the block, everything restored after."""
+import pytest
+import torch
+
+from replicate import precision
+from replicate.bench import SuiteStep, reduced_config
+from replicate.moco import SelfSupervisedViT
+
+
+def test_env_picks_the_precision_and_rejects_typos(monkeypatch):
+    monkeypatch.setenv(precision.ENV, "fp32")
+    assert precision.cpu_matmul_precision() == "fp32" and precision.training_precision("cpu") == "fp32"
+    monkeypatch.setenv(precision.ENV, "BF16")
+    assert precision.cpu_matmul_precision() == "bf16"
+    assert precision.training_precision("cpu") == "bf16 matmul, fp32 accumulate"
+    assert precision.training_precision("cuda") == "bf16 autocast"
+    monkeypatch.setenv(precision.ENV, "fp16")
+    with pytest.raises(ValueError, match="REPLICATE_CPU_MATMUL='fp16'.*bf16, fp32"):
+        precision.cpu_matmul_precision()
+    monkeypatch.delenv(precision.ENV)
+    assert precision.cpu_matmul_precision() == ("bf16" if precision.cpu_has_bf16() else "fp32")
+
+
+def test_bf16_block_sets_onednn_and_unfused_attention_then_restores_both():
+    model = SelfSupervisedViT(reduced_config(4).model_copy(update={"depth": 1}))
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert attention and all(m.fused_attn for m in attention)  # timm's default on this torch
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with precision.cpu_bf16_matmuls(model, torch.device("cpu"), enabled=True) as on:
+        assert on and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        assert not any(m.fused_attn for m in attention)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before and all(m.fused_attn for m in attention)
+    with precision.cpu_bf16_matmuls(model, torch.device("cpu"), enabled=False) as on:
+        assert not on and torch.backends.mkldnn.matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), precision.cpu_bf16_matmuls(model, torch.device("cpu"), enabled=True):
+        raise RuntimeError("a failing step")  # a crash inside the block still restores the settings
+    assert torch.backends.mkldnn.matmul.fp32_precision == before and all(m.fused_attn for m in attention)
+
+
+@pytest.mark.skipif(not precision.cpu_has_bf16(), reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
+def test_bf16_step_multiplies_in_bf16_and_stays_close_to_fp32():
+    """Same weights, same views: the bf16-matmul loss differs from fp32 by bf16 rounding (not 0, not more), and
+    parameters, gradients and activations stay fp32."""
+    cfg = reduced_config(16).model_copy(update={"depth": 2})
+    losses, grads = {}, {}
+    for bf16 in (False, True):
+        step = SuiteStep(cfg, torch.device("cpu"), cpu_bf16=bf16)  # seeded: identical weights and images
+        x1, x2 = step.views()
+        with precision.cpu_bf16_matmuls(step.model, step.device, bf16):
+            loss, feats = step.model(x1, x2, 0.99)
+            loss.backward()
+        losses[bf16] = loss.item()
+        grads[bf16] = step.model.backbone.blocks[0].mlp.fc1.weight.grad
+        assert feats.dtype == grads[bf16].dtype == torch.float32
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(grads[True].flatten(), grads[False].flatten(), dim=0)
+    assert cos > 0.95
+
+
+def test_cli_rejects_a_mistyped_precision_before_running_anything(monkeypatch, tmp_path, capsys):
+    from replicate.__main__ import main
+
+    monkeypatch.setenv(precision.ENV, "fp16")
+    assert main(["run", "table5", "--profile", "smoke", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "REPLICATE_CPU_MATMUL='fp16'" in err
+    assert not any(tmp_path.rglob("*.json"))  # no row ran
