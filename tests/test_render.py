@@ -37,3 +37,15 @@ def test_rendered_deltas_from_results(tmp_path):
     assert "-1.0" in line  # paper: 75.5 - 76.5
     assert "-2.5" in line and "reproduces" in line  # ours: 78.0 - 80.5
     assert (tmp_path / "smoke" / "table8.md").read_text().strip() == text.strip()
+
+
+def test_rendered_table_says_how_its_runs_multiplied(tmp_path):
+    spec = load_spec(find_spec("table8"))
+    store = ResultStore(tmp_path, "smoke")
+    store.save(spec.key, "with_pred", 0, {"status": "ok", "metrics": {"linear": 80.0}})  # predates the field: fp32
+    store.save(spec.key, "no_pred", 0, {"status": "ok", "metrics": {"linear": 79.0},
+                                        "provenance": {"precision": "bf16 matmul, fp32 accumulate"}})
+    store.save(spec.key, "no_pred", 1, {"status": "ok", "metrics": {"linear": 79.5},
+                                        "provenance": {"precision": "bf16 matmul, fp32 accumulate"}})
+    text = render_table(spec, store)
+    assert "Pretraining precision: bf16 matmul, fp32 accumulate (2 runs), fp32 (1 run)" in text
