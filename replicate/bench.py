@@ -40,7 +40,7 @@ from .data import channel_stats
 from .hostmem import retain_freed_memory
 from .moco import SelfSupervisedViT
 from .optim import build_optimizer
-from .precision import cpu_bf16_matmuls, cpu_has_bf16, cpu_matmul_precision, training_precision
+from .precision import LABELS, cpu_bf16_matmuls, cpu_has_bf16, step_precision, training_precision
 from .profiles import PAPER, REDUCED
 from .results import ResultStore, cpu_info
 from .trainer import make_augment
@@ -405,7 +405,7 @@ def head_to_head(cfg: RunConfig, device: torch.device, plan: BenchPlan, train_fl
     reported. Where the trainer multiplies in bf16 on this CPU (replicate/precision.py), the suite runs in both
     precisions, each measured against the peak of its own precision (a bf16 probe for the bf16 one).
     """
-    default = cpu_matmul_precision() if device.type == "cpu" else "bf16 autocast"
+    default = step_precision(device.type)
     precisions = [default] + (["fp32"] if default == "bf16" else [])
     suites = {p: SuiteStep(cfg, device, cpu_bf16=p == "bf16") for p in precisions}
     workers = [PlainWorker(cfg, w, plan.warmup, device) for w in plan.plain_workers]
@@ -632,7 +632,7 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
         near = min(measured, key=lambda b: abs(math.log(b / cfg.batch_size)))
         return measured[near] * flops(reduced_config(near))["train"] / flops(cfg)["train"], "scaled"
 
-    out, this_cpu = [], cpu_info()[0]
+    out, this_cpu, precision = [], cpu_info()[0], training_precision(device.type)
     for spec in all_specs():
         total_s, iters, how = 0.0, 0, set()
         for row in spec.rows:
@@ -649,9 +649,8 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
         note = "pretraining of the MoCo v3 row only; fine-tuning not included" if spec.kind == "transfer" else ""
         if "timed" in how:
             note = "bigger models timed directly"
-        measured_min, cpus = measured_table_minutes(spec, training_precision(device.type))
-        fp32_min, fp32_cpus = (measured_table_minutes(spec, "fp32") if training_precision(device.type) != "fp32"
-                               else (None, set()))
+        measured_min, cpus = measured_table_minutes(spec, precision)
+        fp32_min, fp32_cpus = measured_table_minutes(spec, "fp32") if precision != "fp32" else (None, set())
         where = ("measured on a CPU not recorded in the results" if "unrecorded" in cpus else
                  "measured on another CPU" if cpus - {this_cpu} else "")
         fp32_where = ("fp32 run on a CPU not recorded in the results" if "unrecorded" in fp32_cpus else
@@ -678,7 +677,7 @@ def run_bench(plan: BenchPlan, device: torch.device, log=print) -> dict:
         return out
 
     res["peak"] = section("matmul peak", lambda: matmul_peak(device))
-    res["precision"] = cpu_matmul_precision() if device.type == "cpu" else "bf16 autocast"
+    res["precision"] = step_precision(device.type)
     if res["precision"] == "bf16":  # the suite multiplies in bf16 here: its FLOP/s count against the bf16 peak
         res["peak_bf16"] = matmul_peak(device, dtype=torch.bfloat16)
     step_peak = res.get("peak_bf16", res["peak"])["flops_per_s"]
@@ -720,10 +719,6 @@ def run_bench(plan: BenchPlan, device: torch.device, log=print) -> dict:
     res["load_after"] = os.getloadavg()
     res["targets"] = targets(res, plan)
     return res
-
-
-def precision_words(precision: str) -> str:
-    return {"bf16": "bf16 matmuls, fp32 accumulate", "fp32": "fp32"}.get(precision, precision)
 
 
 def describe_device(device: torch.device) -> str:
@@ -785,7 +780,7 @@ def render(res: dict) -> str:
     md += ["## 1. Pretraining throughput", "",
            ("Full MoCo v3 steps (two views through `TwoViewBatchAugment`, query fwd+bwd, momentum update and key "
            "fwd, AdamW step) of `SelfSupervisedViT` on synthetic in-memory images, in the trainer's precision "
-           f"({precision_words(res['precision'])})."), ""]
+           f"({LABELS[res['precision']]})."), ""]
     rows = [["reduced ViT 128x4 /7, 28² gray", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}",
              f"{r['warmup_s']:.1f}"] for r in res["reduced"]]
     if "vitb" in res:
@@ -858,7 +853,7 @@ def render(res: dict) -> str:
                            *[f"{p} of {p} peak" for p in precisions]], tablefmt="pipe"), ""]
     rows = [[f"plain, num_workers={r['num_workers']}", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}"]
             for r in h2h["plain"]]
-    rows += [[f"this suite, {precision_words(p)}" + (" (the trainer's default here)" if p == h2h["precision"] else ""),
+    rows += [[f"this suite, {LABELS[p]}" + (" (the trainer's default here)" if p == h2h["precision"] else ""),
               h2h["batch"], f"{h2h['suite'][p]['step_s']:.3f}", f"{h2h['suite'][p]['images_per_s']:.0f}"]
              for p in precisions]
     md += [tabulate(rows, ["implementation (median over blocks)", "batch", "s/step", "images/s"], tablefmt="pipe"),

@@ -25,6 +25,8 @@ from .results import cpu_info
 
 ENV = "REPLICATE_CPU_MATMUL"
 CHOICES = ("bf16", "fp32")
+# how a training step multiplies, in words (provenance.precision, rendered tables, the bench report)
+LABELS = {"bf16": "bf16 matmul, fp32 accumulate", "fp32": "fp32", "bf16 autocast": "bf16 autocast"}
 
 
 class PrecisionError(ValueError):
@@ -46,11 +48,14 @@ def cpu_matmul_precision() -> str:
     return value
 
 
+def step_precision(device_type: str) -> str:
+    """How a training step multiplies: ``bf16 autocast`` on CUDA, else the CPU matmul precision (bf16 / fp32)."""
+    return "bf16 autocast" if device_type == "cuda" else cpu_matmul_precision()
+
+
 def training_precision(device_type: str) -> str:
-    """How a training step multiplies, for provenance: the CUDA autocast, or the CPU matmul precision."""
-    if device_type == "cuda":
-        return "bf16 autocast"
-    return "bf16 matmul, fp32 accumulate" if cpu_matmul_precision() == "bf16" else "fp32"
+    """``step_precision`` in words, as provenance records it."""
+    return LABELS[step_precision(device_type)]
 
 
 @contextmanager

@@ -13,7 +13,8 @@ def test_env_picks_the_precision_and_rejects_typos(monkeypatch):
     monkeypatch.setenv(precision.ENV, "BF16")
     assert precision.cpu_matmul_precision() == "bf16"
     assert precision.training_precision("cpu") == "bf16 matmul, fp32 accumulate"
-    assert precision.training_precision("cuda") == "bf16 autocast"
+    assert precision.training_precision("cuda") == precision.step_precision("cuda") == "bf16 autocast"
+    assert precision.step_precision("cpu") == "bf16"
     monkeypatch.setenv(precision.ENV, "fp16")
     with pytest.raises(ValueError, match="REPLICATE_CPU_MATMUL='fp16'.*bf16, fp32"):
         precision.cpu_matmul_precision()
