@@ -135,6 +135,20 @@ def test_measured_table_minutes_sums_seed0_rows_and_names_their_cpus(tmp_path):
     assert bench.measured_table_minutes(spec, "bf16 autocast", roots) == (None, set())
 
 
+def test_table_target_counts_only_times_measured_on_this_cpu():
+    """A table measured in 23 min on a 3x faster VM must not pass the < 30 min target for this one."""
+    h2h = {"precision": "fp32", "speedup": 1.4, "fraction_of_peak": 0.5,
+           "suite": {"fp32": {"speedup": 1.4, "fraction_of_peak": 0.5}}}
+    tables = [{"table": "table1", "hours": 0.2, "measured_min": 5.0, "measured_here": True},
+              {"table": "table10", "hours": 1.7, "measured_min": 23.0, "measured_here": False}]
+    res = {"head_to_head": h2h, "tables": tables, "bench_s": 100.0}
+    tables_target = next(t for t in bench.targets(res, bench.BenchPlan()) if "every reduced table" in t["target"])
+    assert not tables_target["pass"] and "table10 102 min (estimated)" in tables_target["value"]
+    tables[1]["measured_here"] = True
+    tables_target = next(t for t in bench.targets(res, bench.BenchPlan()) if "every reduced table" in t["target"])
+    assert tables_target["pass"] and "table10 23 min (measured)" in tables_target["value"]
+
+
 @pytest.mark.smoke
 def test_gpu_bench_runs_end_to_end_on_the_cpu_with_the_reduced_model():
     """The GPU bench's code path (here on the CPU, reduced model): every section, MFU consistent with its inputs."""
