@@ -142,11 +142,13 @@ def test_table_target_counts_only_times_measured_on_this_cpu():
     tables = [{"table": "table1", "hours": 0.2, "measured_min": 5.0, "measured_here": True},
               {"table": "table10", "hours": 1.7, "measured_min": 23.0, "measured_here": False}]
     res = {"head_to_head": h2h, "tables": tables, "bench_s": 100.0}
-    tables_target = next(t for t in bench.targets(res, bench.BenchPlan()) if "every reduced table" in t["target"])
-    assert not tables_target["pass"] and "table10 102 min (estimated)" in tables_target["value"]
+
+    def tables_target() -> dict:
+        return next(t for t in bench.targets(res, bench.BenchPlan()) if "every reduced table" in t["target"])
+
+    assert not tables_target()["pass"] and "table10 102 min (estimated)" in tables_target()["value"]
     tables[1]["measured_here"] = True
-    tables_target = next(t for t in bench.targets(res, bench.BenchPlan()) if "every reduced table" in t["target"])
-    assert tables_target["pass"] and "table10 23 min (measured)" in tables_target["value"]
+    assert tables_target()["pass"] and "table10 23 min (measured)" in tables_target()["value"]
 
 
 @pytest.mark.smoke
