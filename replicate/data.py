@@ -94,27 +94,44 @@ def fashion_mnist_dirs(data_root: str | None) -> list[Path]:
 
 def load_fashion_mnist(data_root: str | None, split: str) -> TensorSplit:
     """Fashion-MNIST from ``data_root`` (raw idx files or torchvision's layout), Debian's package, or a download."""
+    if data_root and not Path(data_root).is_dir():
+        raise DataError(f"--data-root {data_root}: no such folder (it should hold the Fashion-MNIST idx files, "
+                        "or be an existing folder to download them into)")
     dirs = fashion_mnist_dirs(data_root)
     img_stem, lbl_stem = FMNIST_FILES[split]
     img, lbl = _find_idx(dirs, img_stem), _find_idx(dirs, lbl_stem)
     if img is None or lbl is None:
         root = Path(data_root or os.environ.get("REPLICATE_DATA", "data"))
-        try:
-            from torchvision.datasets import FashionMNIST
-
-            FashionMNIST(str(root), train=(split == "train"), download=True)
-        except Exception as e:  # noqa: BLE001 - any download failure becomes the same actionable message
-            looked = ", ".join(str(d) for d in dirs)
-            raise DataError(
-                f"Fashion-MNIST not found (looked in {looked}) and the download failed ({type(e).__name__}). "
-                "Fix: `apt-get install dataset-fashion-mnist`, or pass --data-root DIR holding the idx files, "
-                "or run once online so torchvision can download it.") from None
+        _download_fashion_mnist(root, dirs)
         return load_fashion_mnist(str(root), split)
     x = torch.from_numpy(_read_idx(img).copy()).float().div_(255).unsqueeze(1)
     y = torch.from_numpy(_read_idx(lbl).astype(np.int64))
     if len(x) != len(y):
         raise DataError(f"{img}: {len(x)} images but {lbl}: {len(y)} labels")
     return TensorSplit(x, y)
+
+
+def _download_fashion_mnist(root: Path, looked: list[Path]) -> None:
+    """torchvision's download into a scratch folder, moved under ``root`` only once complete: a failed download
+    leaves no half-made folders behind."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            for train in (True, False):
+                FashionMNIST(scratch, train=train, download=True)
+        except Exception as e:  # noqa: BLE001 - any download failure becomes the same actionable message
+            raise DataError(
+                f"Fashion-MNIST not found (looked in {', '.join(map(str, looked))}) and the download failed "
+                f"({type(e).__name__}). Fix: `apt-get install dataset-fashion-mnist`, or pass --data-root DIR "
+                "holding the idx files, or run once online so torchvision can download it.") from None
+        raw = root / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in (Path(scratch) / "FashionMNIST" / "raw").iterdir():
+            shutil.move(str(f), str(raw / f.name))
 
 
 def load_digits_split(split: str, image_size: int = 16, seed: int = 0) -> TensorSplit:

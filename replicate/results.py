@@ -1,7 +1,10 @@
-"""The results store: one JSON file per (profile, table, row, seed), written atomically.
+"""The results store: one JSON file per (profile, study, row, seed), written atomically.
 
-Layout: ``<root>/<profile>/table<N>/<row>/seed<K>.json``. Each file holds the metrics, the run's status, the
-fully resolved RunConfig, the monitor curves and provenance (git commit, package versions, device, wall time).
+Layout: ``<root>/<profile>/<spec file name>/<row>/seed<K>.json`` (e.g. ``results/reduced/05_position_embedding/
+sincos/seed0.json``). Each file holds the metrics, the run's status, the fully resolved RunConfig, the monitor
+curves and provenance (git commit, package versions, device, wall time). A record is current only while its
+stored config equals what its spec resolves to now (``config_changes``); the runner re-runs a row whose config
+changed. Each study folder records which spec file owns it (``SPEC``), so two specs never share a folder.
 A per-row lock file serialises two processes that run the same row, so concurrent table runs never corrupt
 the store or train the same row twice.
 """
@@ -16,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .hardware import cpu_info
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "results"
 
@@ -24,14 +28,33 @@ class ResultsError(RuntimeError):
     pass
 
 
-def cpu_info() -> tuple[str, set[str]]:
-    """CPU model name and feature flags from /proc/cpuinfo (Linux); else the platform's name and no flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    field = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in text.splitlines() if ":" in ln)}
-    return field.get("model name", platform.machine()), set(field.get("flags", "").split())
+# RunConfig fields that change when a run saves, never what it computes: a change there keeps a record current.
+RUNTIME_ONLY = frozenset({"checkpoint_every"})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(stored: dict | None, current: dict) -> list[str]:
+    """How a record's stored config differs from the current one, as 'field: old -> new' (empty: same run)."""
+    if not stored:
+        return ["config: (not recorded) -> current"]
+    a, b = _flatten(stored), _flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in RUNTIME_ONLY or a.get(key) == b.get(key):
+            continue
+        old = a.get(key, "(absent)")
+        new = b.get(key, "(absent)")
+        out.append(f"{key}: {old} -> {new}")
+    return out
 
 
 def provenance(device: str) -> dict:
@@ -82,13 +105,29 @@ class ResultStore:
         return self.profile_dir / "ckpt" / table / row / f"seed{seed}.pt"
 
     def check_writable(self) -> None:
+        """Fail early if results could not be written, without creating anything (bad input writes nothing)."""
+        target = self.profile_dir
+        existing = next(p for p in (target, *target.parents) if p.exists())
         try:
-            self.profile_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.profile_dir):
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "not a folder")
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as e:
-            raise ResultsError(f"results folder {self.profile_dir} is not writable ({e.strerror}); "
+            raise ResultsError(f"results folder {target} is not writable ({existing}: {e.strerror}); "
                                "pass --results DIR to write elsewhere") from None
+
+    def claim(self, table: str, source: str) -> None:
+        """Record that spec file ``source`` owns ``<profile>/<table>``; refuse if another spec already does."""
+        marker = self.profile_dir / table / "SPEC"
+        try:
+            owner = marker.read_text().strip()
+        except FileNotFoundError:
+            atomic_write_text(marker, source + "\n")
+            return
+        if owner != source:
+            raise ResultsError(f"{marker.parent} holds the results of {owner}, not of {source}; rename your spec "
+                               "file or pass --results DIR")
 
     def exists(self, table: str, row: str, seed: int) -> bool:
         return self.load(table, row, seed) is not None
@@ -137,13 +176,13 @@ class ResultStore:
         Studies share runs: every Sec. 6 ablation's reference row is the same ViT-B, 300-epoch default recipe. Such
         a row is the same experiment (on in-memory data bit for bit: tests/test_runner.py), so it is copied, not
         trained again."""
-        for f in sorted(self.profile_dir.glob("table*/*/seed*.json")):
+        for f in sorted(self.profile_dir.glob("*/*/seed*.json")):
             try:
                 rec = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
             # a transfer row stores its pretraining config too, but its metrics are fine-tuning accuracies
-            if (rec.get("status") == "ok" and rec.get("config") == config
+            if (rec.get("status") == "ok" and not config_changes(rec.get("config"), config)
                     and set(rec.get("metrics") or ()) == set(config["metrics"])):
                 return rec
         return None

@@ -12,7 +12,7 @@ from .config import RunConfig, Setting
 from .data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from .instability import summarize
 from .profiles import Profile, get_profile
-from .results import ResultStore, provenance
+from .results import ResultStore, config_changes, provenance
 from .spec import Row, Spec
 from .trainer import pretrain
 
@@ -103,26 +103,53 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
     return record
 
 
+def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
+    """Everything a run reads must be there before anything is written: a DataError here leaves no trace."""
+    cfg = profile.resolve(spec.setting(spec.row(spec.reference)))
+    if is_tensor_dataset(cfg.dataset):
+        pretraining_split(cfg, data_root)
+    else:
+        from .data import imagenet_folder
+
+        imagenet_folder(data_root, "train"), imagenet_folder(data_root, "val")
+
+
 def run_table(spec: Spec, profile_name: str, seeds: int = 1, force: bool = False, data_root: str | None = None,
-              results_root=None, progress: bool = True) -> ResultStore:
+              results_root=None, progress: bool = True, keep_stale: bool = False) -> ResultStore:
+    """Run every (row, seed) that has no current result. A stored result is current while its resolved config
+    equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
+    it stale), and the log names the fields that changed."""
     profile = get_profile(profile_name)
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     store = ResultStore(results_root, profile.name)
     if D.is_main():
         store.check_writable()
+        check_inputs(spec, profile, data_root)
+        store.claim(spec.key, spec.source)
     if spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and store.load_baselines() is None and D.is_main():
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
         store.save_baselines(compute_baselines(profile, spec, data_root))
     jobs = [(row, seed) for row in spec.rows for seed in range(seeds)]
     for n, (row, seed) in enumerate(jobs, 1):
-        head = f"[{profile.name} {spec.key} {n}/{len(jobs)}] {row.name} seed {seed}"
+        head = f"[{profile.name} {spec.name} {n}/{len(jobs)}] {row.name} seed {seed}"
+        config = profile.resolve(spec.setting(row), seed=seed).model_dump(mode="json")
         # only rank 0 takes the row lock (the others would wait on it forever) and tells them whether to skip
         with store.lock(spec.key, row.name, seed) if D.is_main() else contextlib.nullcontext():
-            if D.broadcast_from_main(not force and store.exists(spec.key, row.name, seed)):
-                log(f"{head}: done already (use --force to re-run)")
+            skip = False
+            if D.is_main() and not force:
+                old = store.load(spec.key, row.name, seed)
+                changes = config_changes(old.get("config"), config) if old is not None else None
+                if changes == []:
+                    log(f"{head}: done already (use --force to re-run)")
+                    skip = True
+                elif changes and keep_stale:
+                    log(f"{head}: stale, kept (--keep-stale): {'; '.join(changes)}")
+                    skip = True
+                elif changes:
+                    log(f"{head}: config changed since the stored result ({'; '.join(changes)}): re-running")
+            if D.broadcast_from_main(skip):
                 continue
-            twin = (store.find_same_run(profile.resolve(spec.setting(row), seed=seed).model_dump(mode="json"))
-                    if spec.kind == "pretrain" and not force and D.is_main() else None)
+            twin = (store.find_same_run(config) if spec.kind == "pretrain" and not force and D.is_main() else None)
             if D.broadcast_from_main(twin is not None):
                 if D.is_main():
                     source = twin.get("reused_from") or f"{twin['table']}/{twin['row']}/seed{twin['seed']}"

@@ -6,6 +6,7 @@ Any unknown key, wrong type or missing field is a ``SpecError`` whose message is
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -24,29 +25,42 @@ class SpecError(ValueError):
 
 class Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    label: str
-    set: dict = Field(default_factory=dict, description="Setting overrides on top of the spec's base")
-    paper: PaperValue = None
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+                      description="the row's identifier, unique in the spec: names its results folder; what "
+                                  "`reference` and `vs` refer to")
+    label: str = Field(description="the row's text in the rendered table")
+    set: dict = Field(default_factory=dict, description="Setting keys this row changes on top of the spec's `base`")
+    paper: PaperValue = Field(
+        None, description="the paper's number for this row, in `paper_metric`; null where no source states it "
+                          "(rendered n/a); a transfer study: a mapping of each of `paper_targets` to a number or null")
     vs: Optional[str] = Field(None, description="row this one is compared with (default: the spec's reference)")
-    note: str = ""
+    note: str = Field("", description="a remark on this row (e.g. where its paper number comes from); not rendered")
 
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: int = Field(ge=1, le=99)
-    title: str
-    paper_ref: str
-    kind: Literal["pretrain", "transfer"] = "pretrain"
-    metric: Literal["linear", "knn", "finetune", "transfer"] = "linear"
-    paper_metric: str = "ImageNet linear probing top-1 (%)"
-    reference: str
-    claim: str = Field("", description="the paper's finding this study tests, in one sentence")
-    base: dict = Field(default_factory=dict)
-    rows: list[Row] = Field(min_length=1)
-    paper_targets: list[str] = Field(default_factory=list, description="transfer: the paper's datasets")
-    notes: str = ""
-    path: Optional[str] = Field(None, exclude=True)
+    id: int = Field(ge=1, le=99, description="the study's number: `tableN` on the command line; unique among the "
+                                             "specs in tables/")
+    title: str = Field(description="the study's name: `replicate list` and the rendered table's heading")
+    paper_ref: str = Field(description="where the paper reports it (section, table, figure); shown under the heading")
+    kind: Literal["pretrain", "transfer"] = Field(
+        "pretrain", description="pretrain: each row is pretrained, then evaluated on frozen features (kNN, linear "
+                                "probe); transfer: each row's backbone is fine-tuned on the profile's targets")
+    metric: Literal["linear", "knn", "finetune", "transfer"] = Field(
+        "linear", description="the metric the verdict is taken on (the paper's); a pretrain study falls back to the "
+                              "first metric its results carry if they lack it; a transfer study uses its targets")
+    paper_metric: str = Field("ImageNet linear probing top-1 (%)",
+                              description="what the paper's numbers measure, in words; shown under the heading")
+    reference: str = Field(description="the row every other row is compared with (unless it names its own `vs`)")
+    claim: str = Field("", description="the paper's finding this study tests, in one sentence; shown above the table")
+    base: dict = Field(default_factory=dict, description="Setting keys shared by every row; keys left out take "
+                                                        "the Setting defaults")
+    rows: list[Row] = Field(min_length=1, description="the rows, in table order (at least one)")
+    paper_targets: list[str] = Field(default_factory=list, description="transfer study: the paper's target "
+                                                                      "datasets, one `paper <target>` column each")
+    notes: str = Field("", description="free text shown under the rendered table (setup, sources)")
+    path: Optional[str] = Field(None, exclude=True, description="set by the loader to the file the spec was read "
+                                                                "from; not written in a spec")
 
     @model_validator(mode="after")
     def _check(self) -> "Spec":
@@ -66,7 +80,27 @@ class Spec(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"table{self.id}"
+        """The spec's identity in the results store: its file name (``05_position_embedding``), never its number,
+        which another spec may share. A spec built in memory (no file) falls back to ``table<id>``."""
+        return Path(self.path).stem if self.path else f"table{self.id}"
+
+    @property
+    def name(self) -> str:
+        """What users call the study: ``table5`` for the shipped specs, the file name for any other."""
+        if self.path and Path(self.path).resolve().parent == TABLES_DIR:
+            return f"table{self.id}"
+        return self.key
+
+    @property
+    def source(self) -> str:
+        """The spec file, relative to the repository when inside it (the store records which spec owns a folder)."""
+        if not self.path:
+            return f"<in-memory spec {self.id}>"
+        p = Path(self.path).resolve()
+        try:
+            return p.relative_to(TABLES_DIR.parent).as_posix()
+        except ValueError:
+            return str(p)
 
     def setting(self, row: Row) -> Setting:
         return Setting(**{**self.base, **row.set})
@@ -78,19 +112,44 @@ class Spec(BaseModel):
         raise KeyError(name)
 
 
+# pydantic names the member of a union it tried in the error location ('paper.float', 'paper.dict[str,...]');
+# those are its words, not the spec's, so they are dropped from the key path shown to the user.
+_UNION_TAGS = {"float", "int", "str", "bool", "none", "dict", "list", "literal"}
+
+
 def _where(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 
 
-def _one_line(e: ValidationError) -> str:
-    err = e.errors()[0]
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
     if err["type"] == "missing":
-        msg = "required key is missing"
-    return f"{_where(err['loc'])}: {msg}"
+        return "required key is missing"
+    if _where(err["loc"]).endswith("paper"):
+        return "must be a number, null (unknown), or a mapping of dataset -> number"
+    return err["msg"]
+
+
+def _one_line(e: ValidationError) -> str:
+    """The first error, in the spec's words; a missing key also names an unknown key beside it (a likely typo)."""
+    errors = e.errors()
+    err = errors[0]
+    line = f"{_where(err['loc'])}: {_message(err)}"
+    if err["type"] == "missing":
+        parent = err["loc"][:-1]
+        strays = [x["loc"][-1] for x in errors if x["type"] == "extra_forbidden" and x["loc"][:-1] == parent]
+        close = difflib.get_close_matches(str(err["loc"][-1]), [str(k) for k in strays], n=1, cutoff=0.5)
+        if close:
+            line += f" (is the unknown key {close[0]!r} a typo for it?)"
+        elif strays:
+            line += f" (unknown key{'s' if len(strays) > 1 else ''} beside it: {', '.join(map(str, strays))})"
+    return line
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -132,6 +191,9 @@ def find_spec(name: str) -> Path:
     key = name.lower().removeprefix("table")
     if key.isdigit():
         hits = sorted(TABLES_DIR.glob(f"{int(key):02d}_*.yaml"))
+        if len(hits) > 1:
+            raise SpecError(f"study {name!r} is ambiguous: {', '.join(h.name for h in hits)} share the number; "
+                            "rename one of them")
         if hits:
             return hits[0]
     known = ", ".join(f"table{int(h.name[:2])}" for h in sorted(TABLES_DIR.glob("[0-9][0-9]_*.yaml")))
@@ -139,4 +201,10 @@ def find_spec(name: str) -> Path:
 
 
 def all_specs() -> list[Spec]:
-    return [load_spec(p) for p in sorted(TABLES_DIR.glob("[0-9][0-9]_*.yaml"))]
+    specs = [load_spec(p) for p in sorted(TABLES_DIR.glob("[0-9][0-9]_*.yaml"))]
+    seen: dict[int, Spec] = {}
+    for s in specs:
+        if s.id in seen:
+            raise SpecError(f"{s.path}: id {s.id} is already used by {seen[s.id].path}; give it a free number")
+        seen[s.id] = s
+    return specs

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import replicate.runner
+from replicate.results import ResultsError, ResultStore
 from replicate.spec import load_spec
 
 
@@ -46,7 +47,6 @@ def test_identical_row_is_reused_and_identical_on_rerun(tmp_path, monkeypatch):
 def test_only_a_finished_pretraining_record_of_the_same_config_is_reused(tmp_path):
     from replicate.config import Setting
     from replicate.profiles import SMOKE
-    from replicate.results import ResultStore
 
     store = ResultStore(tmp_path, "smoke")
     config = SMOKE.resolve(Setting()).model_dump(mode="json")
@@ -58,3 +58,78 @@ def test_only_a_finished_pretraining_record_of_the_same_config_is_reused(tmp_pat
     assert store.find_same_run(config) is None
     store.save("table5", "sincos", 0, {"status": "ok", "config": config, "metrics": {"knn": 1.0, "linear": 2.0}})
     assert store.find_same_run(config)["metrics"] == {"knn": 1.0, "linear": 2.0}
+
+
+def fake_run_row(trained):
+    """run_row without the training: records which rows ran, with the config the runner resolved."""
+    def run_row(spec, row, profile, seed, store, data_root, progress=True):
+        trained.append(row.name)
+        cfg = profile.resolve(spec.setting(row), seed=seed)
+        return {"table": spec.key, "row": row.name, "seed": seed, "profile": profile.name, "status": "ok",
+                "metrics": {"knn": 50.0, "linear": 60.0}, "wall_time_s": 0.0, "config": cfg.model_dump(mode="json")}
+    return run_row
+
+
+def test_a_row_reruns_when_its_resolved_config_changed(tmp_path, monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    path, results = tmp_path / "lr.yaml", tmp_path / "results"
+    rows = "  - {name: ref, label: reference}\n  - {name: other, label: other, set: {momentum: 0.9}}\n"
+    spec = write_spec(path, 5, rows)
+    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    assert trained == ["ref", "other"]
+    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    assert trained == ["ref", "other"]  # unchanged spec: both cached
+    assert capsys.readouterr().err.count("done already") == 2
+
+    path.write_text(path.read_text().replace("warmup_epochs: 10}", "warmup_epochs: 10, base_lr: 5.0e-4}"))
+    edited = load_spec(path)
+    replicate.runner.run_table(edited, "smoke", results_root=results, progress=False, keep_stale=True)
+    assert trained == ["ref", "other"]  # kept on request
+    assert "stale, kept" in capsys.readouterr().err
+    replicate.runner.run_table(edited, "smoke", results_root=results, progress=False)
+    assert trained == ["ref", "other", "ref", "other"]  # the edit re-ran both rows
+    err = capsys.readouterr().err
+    assert "config changed" in err and "setting.base_lr: 0.00015 -> 0.0005" in err
+    stored = json.loads(ResultStore(results, "smoke").path(edited.key, "ref", 0).read_text())
+    assert stored["config"]["setting"]["base_lr"] == 5.0e-4
+
+
+def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    results = tmp_path / "results"
+    mine = write_spec(tmp_path / "my_momentum.yaml", 9, "  - {name: ref, label: reference}\n")
+    theirs = write_spec(tmp_path / "other_study.yaml", 9, "  - {name: ref, label: reference}\n")
+    replicate.runner.run_table(mine, "smoke", results_root=results, progress=False)
+    replicate.runner.run_table(theirs, "smoke", results_root=results, progress=False)
+    assert mine.key != theirs.key
+    assert (results / "smoke" / mine.key / "ref" / "seed0.json").exists()
+    assert (results / "smoke" / theirs.key / "ref" / "seed0.json").exists()
+    # a spec file of the same name elsewhere would write the first one's folder: refused
+    (tmp_path / "elsewhere").mkdir()
+    clash = write_spec(tmp_path / "elsewhere" / "my_momentum.yaml", 9, "  - {name: ref, label: reference}\n")
+    with pytest.raises(ResultsError, match="holds the results of"):
+        replicate.runner.run_table(clash, "smoke", results_root=results, progress=False)
+
+
+def test_missing_data_root_writes_nothing(tmp_path, monkeypatch, capsys):
+    from replicate.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    code = main(["run", "table5", "--profile", "reduced", "--data-root", str(tmp_path / "nonexistent"),
+                 "--results", str(tmp_path / "res"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "nonexistent: no such folder" in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_unknown_profile_is_one_line(capsys):
+    from replicate.__main__ import main
+
+    assert main(["run", "table5", "--profile", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown profile 'nosuch'" in err
