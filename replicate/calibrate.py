@@ -1,0 +1,159 @@
+"""Calibration of the reduced profile: the runs behind ``docs/reduced-scale.md``, reproducible by name.
+
+The reduced profile's free scales (model widths, batch scale, epoch scale, lr scale) are chosen by criteria written
+in ``docs/reduced-scale.md`` before the runs they affect, on one named row per criterion. Each candidate here is a
+named variant of the reduced profile; ``python -m replicate.calibrate run NAME --row table5:sincos`` trains that row
+under it (results in ``docs/reduced-scale/runs/``, the store's usual layout, so finished runs are cached and stale
+ones re-run), ``estimate NAME`` times the whole suite under it, and ``report`` tabulates every run so far. No
+candidate is ever removed from this file: the document keeps every configuration tried, with its numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .profiles import REDUCED, Profile
+
+RUNS_ROOT = Path(__file__).resolve().parent.parent / "docs" / "reduced-scale" / "runs"
+
+# Reduced ViT ladders (width, depth, heads), ViT-S < B < L < H as in Table 2: 24-wide heads throughout.
+W128 = {"vit_small": (96, 4, 4), "vit_base": (128, 4, 4), "vit_large": (160, 6, 5), "vit_huge": (192, 8, 6)}
+W96 = {"vit_small": (72, 4, 3), "vit_base": (96, 4, 4), "vit_large": (120, 6, 5), "vit_huge": (144, 8, 6)}
+
+# The dense held-out monitor every candidate uses (stage 0 of docs/reduced-scale.md).
+MONITORED = replace(REDUCED, monitor_probe=1000, monitor_bank=2000, monitor_every=10)
+
+
+def _variant(name: str, **overrides) -> Profile:
+    return replace(MONITORED, name=f"cal-{name}", **overrides)
+
+
+# Stage 1 (budget): cheapest first by estimated suite time; the first that meets the features criterion wins.
+# Stage 2 (lr scale): the stage-1 winner at lr_scale 10, 20, 40, 80 (names: <winner>-lr<N>).
+CANDIDATES: dict[str, Profile] = {p.name.removeprefix("cal-"): p for p in [
+    _variant("current"),  # the committed profile, with the dense monitor: 128 wide, batch 1/16, 7 epochs
+    _variant("w96-b32-e10", archs=W96, batch_scale=1 / 32, epoch_scale=10 / 300),
+    _variant("w128-b32-e10", archs=W128, batch_scale=1 / 32, epoch_scale=10 / 300),
+    _variant("w96-b16-e21", archs=W96, batch_scale=1 / 16, epoch_scale=21 / 300),
+    _variant("w128-b32-e15", archs=W128, batch_scale=1 / 32, epoch_scale=15 / 300),
+    _variant("w128-b16-e21", archs=W128, batch_scale=1 / 16, epoch_scale=21 / 300),
+]}
+
+
+def candidate(name: str) -> Profile:
+    """A named candidate; ``<base>-lr<N>`` is candidate ``base`` at lr_scale N (stage 2)."""
+    if name in CANDIDATES:
+        return CANDIDATES[name]
+    base, sep, lr = name.rpartition("-lr")
+    if sep and base in CANDIDATES and lr.isdigit():
+        return replace(CANDIDATES[base], name=f"cal-{name}", lr_scale=float(lr))
+    raise SystemExit(f"error: no calibration candidate {name!r}; known: {', '.join(CANDIDATES)} "
+                     "(or <candidate>-lr<N>)")
+
+
+def one_row(ref: str):
+    """'table5:sincos' -> that spec, reduced to the one row (its reference)."""
+    from .spec import find_spec, load_spec
+
+    table, _, row = ref.partition(":")
+    spec = load_spec(find_spec(table))
+    r = spec.row(row or spec.reference)
+    return spec.model_copy(update={"rows": [r], "reference": r.name})
+
+
+def run(names: list[str], rows: list[str], seeds: int, data_root: str | None) -> None:
+    from .runner import run_table
+
+    for name in names:
+        for ref in rows:
+            run_table(one_row(ref), candidate(name), seeds=seeds, data_root=data_root, results_root=RUNS_ROOT,
+                      progress=sys.stderr.isatty())
+
+
+def estimate(name: str, steps: int = 3) -> dict:
+    """Minutes of one seed of every study under a candidate: each distinct (model, batch) timed for ``steps``
+    steps of the trainer's own step, times its iterations; a config shared by several studies is counted once."""
+    import torch
+
+    from .bench.suite import suite_throughput
+    from .spec import all_specs
+
+    profile, device = candidate(name), torch.device("cpu")
+    speed: dict[tuple, float] = {}
+    seen: set[str] = set()
+    tables = {}
+    for spec in all_specs():
+        seconds = 0.0
+        for row in spec.rows:
+            setting = spec.setting(row)
+            if spec.kind == "transfer" and setting.init != "pretrained":
+                continue
+            cfg = profile.resolve(setting)
+            key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            shape = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.setting.norm_mlp, cfg.batch_size)
+            if shape not in speed:
+                speed[shape] = suite_throughput(cfg, device, 1, steps)["step_s"]
+            iters = cfg.epochs * (profile.train_subset // cfg.batch_size)
+            monitor = iters // cfg.monitor_every * speed[shape] * 0.6  # a held-out pass ~ 0.6 step (measured)
+            seconds += iters * speed[shape] + monitor + 20  # + features, kNN and the cached linear probe
+        tables[spec.name] = round(seconds / 60, 1)
+    return {"candidate": name, "table_minutes": tables, "total_hours": round(sum(tables.values()) / 60, 2)}
+
+
+def report() -> str:
+    """Every calibration run so far, one line each (the table docs/reduced-scale.md quotes)."""
+    from .instability import record_summary
+
+    lines = ["| candidate | row | seed | iterations | pretrain min | linear | kNN | dips | max depth | "
+             "spikes first/last | first leads by |", "|" + "---|" * 11]
+    for f in sorted(RUNS_ROOT.glob("cal-*/*/*/seed*.json")):
+        rec = json.loads(f.read_text())
+        s = record_summary(rec) or {}
+        knn, grad = s.get("knn", {}), s.get("grad", {})
+        m = rec.get("metrics") or {}
+        lines.append(
+            f"| {rec['profile'].removeprefix('cal-')} | {rec['table']}:{rec['row']} | {rec['seed']} | "
+            f"{rec.get('iterations', '—')} | {rec.get('pretrain_s', 0) / 60:.1f} | "
+            f"{m.get('linear', float('nan')):.1f} | {m.get('knn', float('nan')):.1f} | {knn.get('n_dips', '—')} | "
+            f"{knn.get('max_depth', '—')} | {grad.get('first', {}).get('n_spikes', '—')}/"
+            f"{grad.get('last', {}).get('n_spikes', '—')} | {grad.get('first_leads_by', '—')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m replicate.calibrate", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train rows under candidates (cached like any result)")
+    r.add_argument("names", nargs="+", help=f"candidates: {', '.join(CANDIDATES)}, or <candidate>-lr<N>")
+    r.add_argument("--row", action="append", default=None, metavar="TABLE:ROW",
+                   help="row(s) to train, e.g. table5:sincos (default: table5:sincos, the Sec. 6 reference)")
+    r.add_argument("--seeds", type=int, default=1)
+    r.add_argument("--data-root", default=None)
+    e = sub.add_parser("estimate", help="time the whole suite (one seed) under candidates")
+    e.add_argument("names", nargs="+")
+    sub.add_parser("report", help="print every calibration run so far")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        run(args.names, args.row or ["table5:sincos"], args.seeds, args.data_root)
+    elif args.command == "estimate":
+        for name in args.names:
+            t0 = time.perf_counter()
+            out = estimate(name)
+            out["estimate_s"] = round(time.perf_counter() - t0)
+            print(json.dumps(out))
+            (RUNS_ROOT / f"estimate-{name}.json").parent.mkdir(parents=True, exist_ok=True)
+            (RUNS_ROOT / f"estimate-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    else:
+        print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
