@@ -29,7 +29,7 @@ from replicate.config import RunConfig
 from replicate.data import TensorSplit, channel_stats
 from replicate.model import build_vit
 from replicate.schedules import lr_schedule
-from replicate.trainer import seed_everything
+from replicate.seeding import seed_everything
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 

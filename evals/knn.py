@@ -19,6 +19,15 @@ def _faiss_index(dim: int):
     return index
 
 
+def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:
+    """The kNN vote: row i's prediction is the class with the largest sum of exp(sims[i, j] / t) over its neighbours
+    j, each voting for its label ``neighbour_labels[i, j]``. ``sims``: (n, k) cosine similarities of the k nearest;
+    ``neighbour_labels``: (n, k) int64. Shared by ``knn_classify`` (faiss search) and the training monitor (exact)."""
+    votes = torch.zeros(len(sims), num_classes, device=sims.device, dtype=torch.float32)
+    votes.scatter_add_(1, neighbour_labels, (sims.float() / t).exp())
+    return votes.argmax(1)
+
+
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  k: int = 20, t: float = 0.07, num_classes: int | None = None,
                  chunk: int = 4096) -> torch.Tensor:
@@ -33,10 +42,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     labels = train_labels.long()
     for i in range(0, len(test), chunk):
         sims, idx = index.search(np.ascontiguousarray(test[i: i + chunk]), k)
-        sims, idx = torch.from_numpy(sims), torch.from_numpy(idx)
-        votes = torch.zeros(len(idx), num_classes)
-        votes.scatter_add_(1, labels[idx], (sims / t).exp())
-        preds.append(votes.argmax(1))
+        preds.append(weighted_vote(torch.from_numpy(sims), labels[torch.from_numpy(idx)], num_classes, t))
     return torch.cat(preds)
 
 

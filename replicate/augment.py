@@ -5,8 +5,8 @@ Three pieces:
   ``affine_grid``/``grid_sample`` call (in-memory datasets); ``photometric`` is the rest of the recipe, batched with
   per-sample random factors: colour jitter, grayscale, a per-sample separable Gaussian blur, solarize, normalise.
 - ``two_view_pil_crops``: per-image RandomResizedCrop + flip to uint8, for ImageFolder data (paper scale): the
-  DataLoader workers do only that (and JPEG decoding), the photometric part runs batched on the GPU. Per image, PIL
-  colour jitter, blur and solarize cost ~7x the crops (measured), and starved an H100 (see results/bench/gpu.md).
+  DataLoader workers do only that (and JPEG decoding), the photometric part runs batched on the GPU: per image, PIL
+  colour jitter, blur and solarize cost several times the crops, and starved a GPU (docs/code-measurements.md).
 - ``two_view_pil_transforms``: the official per-image torchvision pipeline, kept as the plain reference's loader.
 
 RGB: ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 with the four ops in a random order per image (as torchvision),

@@ -23,30 +23,47 @@ class Strict(BaseModel):
 class Setting(Strict):
     """A row of a study, in the paper's units. Defaults are the paper's final ViT recipe (Sec. 5, App. A)."""
 
-    framework: Framework = "mocov3"
-    arch: Arch = "vit_base"
-    patch_size: Optional[int] = Field(None, description="paper patch size; None = the arch's (16, or 14 for ViT-H)")
+    framework: Framework = Field(
+        "mocov3", description="self-supervised method: MoCo v3; SimCLR (no momentum encoder, no predictor); BYOL "
+                              "(no negatives)")
+    arch: Arch = Field("vit_base", description="ViT size of the paper's Table 2; a profile maps it to its own width "
+                                               "and depth")
+    patch_size: Optional[int] = Field(
+        None, description="patch size in the paper's pixels; null = the arch's (16, or 14 for ViT-H); a profile maps "
+                          "it to its own (reduced: 16 and 14 -> 7, 7 -> 4)")
     norm_mlp: Literal["ln", "bn"] = Field("ln", description="'bn' = ViT-BN: BatchNorm in the MLP blocks only")
-    pos_embed: Literal["sincos", "learned", "none"] = "sincos"
+    pos_embed: Literal["sincos", "learned", "none"] = Field(
+        "sincos", description="position embedding: fixed 2-D sin-cos, learned, or none")
     pooling: Literal["cls", "gap_ln", "gap"] = Field(
         "cls", description="cls: [CLS] after final LN; gap_ln: no [CLS], final LN then avg pool; gap: no [CLS], no LN")
-    patch_proj: Literal["random", "learned"] = Field("random", description="random = xavier init then frozen")
+    patch_proj: Literal["random", "learned"] = Field(
+        "random", description="patch projection: random = xavier init then frozen (the paper's stability trick); "
+                              "learned = trained with the rest")
     head_bn: bool = Field(True, description="BatchNorm in every layer of the projector and predictor MLPs")
-    predictor: bool = True
-    proj_layers: int = 3
-    pred_layers: int = 2
-    temperature: float = 0.2
-    momentum: float = 0.99
+    predictor: bool = Field(True, description="prediction MLP after the query encoder's projector (MoCo v3, BYOL; "
+                                              "SimCLR never has one)")
+    proj_layers: int = Field(3, description="layers of the projection MLP")
+    pred_layers: int = Field(2, description="layers of the prediction MLP")
+    temperature: float = Field(0.2, description="softmax temperature of the contrastive loss (MoCo v3, SimCLR)")
+    momentum: float = Field(
+        0.99, description="momentum coefficient m of the key encoder's moving average (MoCo v3, BYOL); the start "
+                          "value under the cosine schedule")
     momentum_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="cosine: m rises from `momentum` to 1 over training (official code)")
-    optimizer: Literal["adamw", "lamb", "lars"] = "adamw"
-    batch_size: int = 4096
-    base_lr: float = 1.5e-4
-    weight_decay: float = 0.1
-    epochs: int = 300
-    warmup_epochs: int = 40
+        "cosine", description="cosine: m rises from `momentum` to 1 over training (official code); constant: m stays "
+                              "at `momentum`")
+    optimizer: Literal["adamw", "lamb", "lars"] = Field(
+        "adamw", description="AdamW (the paper's), LAMB or LARS (timm's implementations)")
+    batch_size: int = Field(4096, description="global batch in the paper's units; a profile scales it (reduced: / 16)")
+    base_lr: float = Field(1.5e-4, description="base learning rate: peak lr = base_lr x batch_size / 256 (times the "
+                                               "profile's lr factor)")
+    weight_decay: float = Field(0.1, description="the optimizer's weight decay")
+    epochs: int = Field(300, description="pretraining epochs in the paper's units; a profile scales them "
+                                         "(reduced: 300 -> 7)")
+    warmup_epochs: int = Field(40, description="linear lr warmup, in the paper's epochs; scaled with `epochs` "
+                                               "(the same fraction)")
     init: Literal["pretrained", "random", "supervised"] = Field(
-        "pretrained", description="transfer study only: what the fine-tuned backbone starts from")
+        "pretrained", description="transfer study only: what the fine-tuned backbone starts from (pretrained = MoCo v3 "
+                                  "pretraining; supervised = trained with labels on the same data; random = none)")
 
 
 class RunConfig(Strict):
@@ -86,5 +103,9 @@ class RunConfig(Strict):
     linear_batch: int
     linear_base_lr: float
     monitor_every: int = Field(description="kNN-monitor / gradient-trace interval in iterations")
+    monitor_probe: int = Field(0, description="held-out images the kNN monitor classifies (a fixed set); "
+                                              "0: App. A's monitor, the current batch against a feature queue")
+    monitor_bank: int = Field(0, description="pretraining images (fixed, un-augmented) the held-out probe is "
+                                             "classified against")
     checkpoint_every: int = Field(description="iterations between checkpoints (0 = only at the end)")
     num_workers: int = 0

@@ -37,11 +37,15 @@ class TensorSplit:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return TensorSplit(self.images[idx], self.labels[idx])
 
+    def fixed_order(self) -> torch.Tensor:
+        """One fixed permutation of the split: ``fixed_subset`` takes its head, the held-out monitor set its tail."""
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(1234))
+
     def fixed_subset(self, n: int | None) -> "TensorSplit":
         """The first ``n`` of a fixed permutation: the same images for every row, seed and evaluator."""
         if not n or n >= len(self):
             return self
-        return self.subset(torch.randperm(len(self), generator=torch.Generator().manual_seed(1234))[:n])
+        return self.subset(self.fixed_order()[:n])
 
     def without_classes(self, classes) -> "TensorSplit":
         if not classes:
@@ -164,6 +168,23 @@ def pretraining_split(cfg, data_root: str | None) -> TensorSplit:
     use the same images as the kNN bank / probe training set."""
     train = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
     return train.fixed_subset(cfg.train_subset)
+
+
+def monitor_splits(cfg, data_root: str | None) -> tuple[TensorSplit, TensorSplit]:
+    """The held-out kNN monitor's fixed images: a bank of ``cfg.monitor_bank`` pretraining images and a probe of
+    ``cfg.monitor_probe`` images the run never trains on (training images outside the pretraining subset, or test
+    images where the subset is the whole training split). The same for every row and seed."""
+    full = load_tensor_dataset(cfg.dataset, "train", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
+    order = full.fixed_order()
+    used = cfg.train_subset if cfg.train_subset and cfg.train_subset < len(full) else len(full)
+    bank = full.subset(order[: min(cfg.monitor_bank, used)])
+    spare = order[used: used + cfg.monitor_probe]
+    if len(spare) >= cfg.monitor_probe:
+        probe = full.subset(spare)
+    else:
+        test = load_tensor_dataset(cfg.dataset, "test", data_root, cfg.image_size).without_classes(cfg.exclude_classes)
+        probe = test.subset(test.fixed_order()[: cfg.monitor_probe])
+    return bank, probe
 
 
 def is_tensor_dataset(name: str) -> bool:

@@ -17,9 +17,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .atomic import atomic_open
 from .instability import record_summary
-from .render import RowStats, _delta, _mean_delta, metric_keys, paper_delta
 from .results import ResultStore
 from .spec import Spec
+from .stats import RowStats, _delta, _mean_delta, metric_keys, paper_delta
 
 DPI = 100
 
@@ -74,7 +74,7 @@ def plot_knn(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
                     ax.plot(xs[-1:], c["knn_acc"][-1:], "X", color=color, ms=9, mec="black")
     ax.set_xlabel("epoch" if by_epoch else "iteration")
     ax.set_ylabel("kNN monitor accuracy (%)")
-    ax.set_title(f"{spec.key}: kNN monitor during pretraining (▼ detected dip, X diverged)", fontsize=10)
+    ax.set_title(f"{spec.name}: kNN monitor during pretraining (▼ detected dip, X diverged)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, path)
@@ -123,7 +123,7 @@ def plot_grad(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     axes[-1, 0].set_xlabel("iteration")
-    fig.suptitle(f"{spec.key}: relative gradient magnitude, first vs last layer (○ spike onset)", fontsize=10)
+    fig.suptitle(f"{spec.name}: relative gradient magnitude, first vs last layer (○ spike onset)", fontsize=10)
     _save(fig, path)
     return True
 
@@ -163,7 +163,7 @@ def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], 
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("Δ vs baseline row (points)")
-    ax.set_title(f"{spec.key}: paper Δ vs ours Δ ({store.profile} profile)", fontsize=10)
+    ax.set_title(f"{spec.name}: paper Δ vs ours Δ ({store.profile} profile)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     _save(fig, path)
@@ -181,5 +181,5 @@ def write_figures(spec: Spec, store: ResultStore, records: dict[str, list[dict]]
     ):
         name = f"{spec.key}_{suffix}.png"
         if plot(out_dir / name):
-            made.append(f"![{spec.key}: {caption}]({name})")
+            made.append(f"![{spec.name}: {caption}]({name})")
     return ["### Figures", "", *[line for m in made for line in (m, "")]] if made else []

@@ -2,9 +2,10 @@
 
 PyTorch's CPU tensors come straight from malloc. glibc serves blocks above its mmap threshold (128 KiB, adapting
 upward) with fresh ``mmap`` pages and unmaps them on free, so every training step page-faults its activations in
-anew: ~30,000 minor faults and ~0.1 s of system time per reduced step, while the other OpenMP thread waits (measured
-by ``python -m replicate.bench``). Raising the threshold to glibc's 32 MiB maximum and never trimming the heap top
-makes malloc reuse those pages (~150 faults per step). The process keeps its peak heap: fine for a training run.
+anew, in system time while the other OpenMP thread waits. Raising the threshold to glibc's 32 MiB maximum and never
+trimming the heap top makes malloc reuse those pages, and the faults all but vanish (fault counts:
+docs/code-measurements.md; tests/test_hostmem.py checks the drop). The process keeps its peak heap: fine for a
+training run.
 
 Linux/glibc only (a no-op elsewhere); ``REPLICATE_MALLOC=default`` leaves the allocator alone.
 """

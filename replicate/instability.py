@@ -6,7 +6,7 @@ the first layer (the patch projection) and tens of iterations later in the last 
 monitor's curves (``TrainingMonitor.curves()``) into a few numbers:
 
 kNN dips (``find_dips``):
-  The monitor's kNN accuracy is measured on one training batch, so it is noisy (a few points at batch 256).
+  The monitor's kNN accuracy is measured on one training batch, so it is noisy (docs/code-measurements.md).
   The curve is first smoothed by a centred running median over ``smooth`` samples (by default about 4% of the
   curve, at least 3): a single bad sample can neither open nor close a dip, a dip must persist over about
   half the window. A dip opens when the smoothed accuracy falls below its running best by more than
@@ -15,7 +15,7 @@ kNN dips (``find_dips``):
   noise_k * noise left after smoothing)``: ``min_drop`` (1 point) is the paper's scale of a dip; the noise term
   (the raw sample-to-sample noise, from the MAD of first differences, times sqrt(pi / 2w) for a median of w)
   raises it where the monitor is too noisy to resolve 1 point, so noise alone is rarely counted as a dip
-  (simulated: ~0.1 false dips per run of 100 samples at sd 2 points, ~1 per 1000 samples). A drop still open
+  (the simulated false-dip rate: docs/code-measurements.md). A drop still open
   at the end is *unrecovered* (``final_gap``: best minus final smoothed value).
 
 Gradient spikes (``find_spikes``):

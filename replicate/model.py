@@ -41,8 +41,8 @@ class TokenBatchNorm(nn.Module):
     Wraps a BatchNorm1d rather than subclassing it: ``SyncBatchNorm.convert_sync_batchnorm`` then swaps only the
     inner BN and the reshape survives (a subclass would be replaced whole and normalise over tokens). Statistics
     over (batch, tokens) per channel, computed on the (B*N, C) view: the output stays contiguous, so the fc1 that
-    follows is one matmul (a transposed (B, C, N) output made it a batched matmul over copies: 1.2x slower in
-    fp32, 2.1x with bf16 matmuls, measured on a ViT-BN step).
+    follows is one matmul (a transposed (B, C, N) output made it a batched matmul over copies, slower in fp32 and
+    more so with bf16 matmuls: docs/code-measurements.md).
     """
 
     def __init__(self, dim: int):

@@ -3,8 +3,14 @@
 Per iteration: loss, lr, momentum, and the gradient infinity-norm of the first layer (the patch projection, or
 the first block's qkv when the projection is frozen) and of the last block, both absolute and relative to the
 weights' infinity-norm. Stats stay on the device until a flush, so ordinary steps never sync with the host.
-Every ``monitor_every`` iterations: a kNN accuracy of the current batch's backbone ([CLS]) features against a
-queue of recent training features (10% of the training set, as the paper's memory bank).
+Every ``monitor_every`` iterations, a kNN accuracy of the backbone's features, one of two ways:
+- held out (``monitor_probe > 0``, in-memory datasets): a fixed probe set of images the run never trains on,
+  classified against a fixed bank of pretraining images, both un-augmented, the backbone in eval mode. The value
+  is a function of the weights alone, so a change between samples is the model's, not the sampling's; the
+  reduced counterpart of App. A's dense monitor.
+- queue (App. A as written): the current batch's features against a queue of recent training features (10% of
+  the training set, as the paper's memory bank). Costs no extra forward pass, but each sample is one augmented
+  batch, so it varies by a few points between samples at small batches.
 """
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evals.knn import weighted_vote
+
 from .config import RunConfig
+from .data import TensorSplit, channel_stats, monitor_splits
 
 SERIES = ("loss", "lr", "momentum", "grad_first", "grad_first_rel", "grad_last", "grad_last_rel")
 
@@ -25,15 +34,41 @@ def weighted_knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: t
     sim = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T
     k = min(k, bank.shape[0])
     top_sim, top_idx = sim.topk(k, dim=1)
-    votes = torch.zeros(query.shape[0], num_classes, device=query.device, dtype=torch.float32)
-    votes.scatter_add_(1, bank_labels[top_idx], (top_sim.float() / t).exp())
-    return votes.argmax(1)
+    return weighted_vote(top_sim, bank_labels[top_idx], num_classes, t)
+
+
+class HeldOutKnn:
+    """kNN accuracy (%) of a fixed held-out probe set against a fixed bank, on the backbone's pooled features."""
+
+    def __init__(self, bank: TensorSplit, probe: TensorSplit, dataset: str, num_classes: int, k: int, t: float,
+                 device: torch.device, chunk: int = 256):
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in channel_stats(dataset))
+        self.images = ((torch.cat([bank.images, probe.images]) - mean) / std).to(device)
+        self.bank_labels, self.probe_labels = bank.labels.to(device), probe.labels.to(device)
+        self.n_bank, self.num_classes, self.k, self.t, self.chunk = len(bank), num_classes, k, t, chunk
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, data_root: str | None, device: torch.device) -> "HeldOutKnn":
+        bank, probe = monitor_splits(cfg, data_root)
+        return cls(bank, probe, cfg.dataset, cfg.num_classes, cfg.knn_k, cfg.knn_t, device)
+
+    @torch.inference_mode()
+    def __call__(self, backbone: torch.nn.Module) -> float:
+        was_training = backbone.training
+        backbone.eval()  # no dropout / drop-path draws: the monitor consumes no RNG, so resume stays exact
+        feats = torch.cat([backbone(x).float() for x in self.images.split(self.chunk)])
+        backbone.train(was_training)
+        pred = weighted_knn_predict(feats[self.n_bank:], feats[: self.n_bank], self.bank_labels, self.num_classes,
+                                    self.k, self.t)
+        return round(100.0 * (pred == self.probe_labels).float().mean().item(), 2)
 
 
 class TrainingMonitor:
-    def __init__(self, cfg: RunConfig, model, train_size: int, lrs: np.ndarray, ms: np.ndarray):
+    def __init__(self, cfg: RunConfig, model, train_size: int, lrs: np.ndarray, ms: np.ndarray,
+                 held_out: HeldOutKnn | None = None):
         self.cfg, self.lrs, self.ms = cfg, lrs, ms
-        backbone = model.backbone
+        self.held_out = held_out
+        backbone = self.backbone = model.backbone
         proj_w = backbone.patch_embed.proj.weight
         self.first = proj_w if proj_w.requires_grad else backbone.blocks[0].attn.qkv.weight
         self.last = [p for p in backbone.blocks[-1].parameters() if p.requires_grad]
@@ -77,6 +112,11 @@ class TrainingMonitor:
             for key, val in zip(SERIES, (row[0], self.lrs[s], self.ms[s], *row[1:])):
                 self.series[key].append(float(val))
         self.last_loss = float(stats[-1, 0])
+        if self.held_out is not None:
+            self.last_knn = self.held_out(self.backbone)
+            self.knn_steps.append(step)
+            self.knn_acc.append(self.last_knn)
+            return True
         feats, labels = feats.float().cpu(), labels.cpu()
         if len(self.bank) >= self.cfg.knn_k:
             pred = weighted_knn_predict(feats, self.bank, self.bank_labels, self.cfg.num_classes,

@@ -1,13 +1,15 @@
 """CPU matmul precision: bf16 multiplies with fp32 accumulation where the CPU has bf16 units, as AMP does on GPUs.
 
 The paper trains with mixed precision (the official code autocasts to fp16; this suite autocasts to bf16 on GPUs).
-On CPUs, ``torch.autocast`` costs more in casts than it saves at the reduced model's small shapes (0.7x, measured
-by ``python -m replicate.bench``); oneDNN's implicit down-conversion (``torch.backends.mkldnn.matmul.fp32_precision
-= "bf16"``) instead rounds the fp32 operands to bf16 inside the matmul kernel and accumulates in fp32, so tensors,
-parameters, optimizer state and every elementwise op stay fp32: only the products are bf16, as on a GPU's tensor cores.
+On CPUs, ``torch.autocast`` costs more in casts than it saves at the reduced model's small shapes (the bench's
+bf16-autocast row, docs/code-measurements.md); oneDNN's implicit down-conversion
+(``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``) instead rounds the fp32 operands to bf16 inside the matmul
+kernel and accumulates in fp32, so tensors, parameters, optimizer state and every elementwise op stay fp32: only the
+products are bf16, as on a GPU's tensor cores.
 
-PyTorch's CPU flash-attention kernel is ~20x slower under that setting at the reduced model's 17 tokens (measured),
-so timm's attention runs unfused (q k^T, softmax, v as two batched matmuls, which then also multiply in bf16).
+PyTorch's CPU flash-attention kernel is many times slower under that setting at the reduced model's 17 tokens
+(docs/code-measurements.md), so timm's attention runs unfused (q k^T, softmax, v as two batched matmuls, which then
+also multiply in bf16).
 
 ``$REPLICATE_CPU_MATMUL``: ``bf16`` or ``fp32``; unset: bf16 where the CPU multiplies bf16 natively (AMX or
 AVX512-BF16; elsewhere oneDNN would emulate it, slowly), else fp32. CUDA runs are unaffected (they autocast).
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .results import cpu_info
+from .hardware import cpu_info
 
 ENV = "REPLICATE_CPU_MATMUL"
 CHOICES = ("bf16", "fp32")

@@ -45,6 +45,8 @@ class Profile:
     monitor_every: int
     checkpoint_every: int
     num_workers: int = 0
+    monitor_probe: int = 0  # > 0: the dense held-out kNN monitor (in-memory datasets), else App. A's queue monitor
+    monitor_bank: int = 0
     notes: str = ""
     transfer_targets: tuple[str, ...] = field(default=())
 
@@ -67,7 +69,7 @@ class Profile:
             metrics=self.metrics, linear_protocol=self.linear_protocol, linear_epochs=self.linear_epochs,
             linear_batch=self.linear_batch, linear_base_lr=self.linear_base_lr,
             monitor_every=self.monitor_every, checkpoint_every=self.checkpoint_every,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers, monitor_probe=self.monitor_probe, monitor_bank=self.monitor_bank,
         )
 
 
@@ -105,7 +107,7 @@ SMOKE = Profile(
     patch_map={16: 8, 14: 8, 7: 4}, head_hidden=64, head_out=32,
     batch_scale=1 / 64, lr_scale=10.0, epoch_scale=1 / 150, crop_min=0.5, blur_sigma=(0.1, 0.5),
     metrics=("knn", "linear"), linear_protocol="cached", linear_epochs=10, linear_batch=128,
-    linear_base_lr=0.5, monitor_every=5, checkpoint_every=0,
+    linear_base_lr=0.5, monitor_every=5, checkpoint_every=0, monitor_probe=200, monitor_bank=400,
     transfer_targets=("digits_disjoint", "digits"),  # pretraining sees digits 0-4 only (evals/transfer.py)
     notes="scikit-learn digits upscaled to 16x16, a one-block ViT: checks the code path, not the science.",
 )

@@ -1,7 +1,8 @@
 """Render the studies as markdown: the paper's numbers beside ours, the deltas, and whether the effect reproduces.
 
-``python -m replicate.render [--profile P] [--results DIR]`` writes ``<results>/<profile>/tableN.md`` for every
-table with results, and prints every table (ours as "—" where not run).
+``python -m replicate.render [--profile P] [--results DIR]`` writes ``<results>/<profile>/<spec name>.md`` for
+every study with results, and prints every table (ours as "—" where not run). Rows whose stored config is not what
+the spec resolves to now are marked stale.
 
 Verdict (per row, against its baseline row: the spec's reference, or the row named by ``vs``):
   noise = 2 * sqrt(s_row^2 / n_row + s_base^2 / n_base), the two-standard-error band of our delta over seeds;
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,16 +24,17 @@ from tabulate import tabulate
 
 from .atomic import atomic_write_text
 from .profiles import PROFILES, get_profile
-from .results import ResultStore
+from .results import ResultStore, config_changes
 from .spec import Row, Spec, all_specs
+from .stats import DASH, RowStats, _delta, _mean_delta, metric_keys, paper_delta
 
 PAPER_NOISE = 0.3
-DASH = "—"
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
+    x = round(x, 1) + 0.0  # + 0.0 turns a rounded -0.0 into 0.0
     return f"{x:+.1f}" if signed else f"{x:.1f}"
 
 
@@ -42,50 +43,6 @@ def paper_value(spec: Spec, row: Row) -> float | None:
     if isinstance(row.paper, dict):
         return None
     return row.paper
-
-
-def paper_delta(spec: Spec, row: Row) -> float | None:
-    base = spec.baseline_of(row)
-    if isinstance(row.paper, dict) and isinstance(base.paper, dict):
-        both = [k for k in row.paper if row.paper.get(k) is not None and base.paper.get(k) is not None]
-        return statistics.mean(row.paper[k] - base.paper[k] for k in both) if both else None
-    if row.paper is None or base.paper is None:
-        return None
-    return row.paper - base.paper
-
-
-class RowStats:
-    """Our numbers for one row: per-metric values over seeds, and divergence."""
-
-    def __init__(self, records: list[dict]):
-        self.records = records
-        self.ok = [r for r in records if r.get("status") == "ok"]
-        self.diverged = [r for r in records if r.get("status") == "diverged"]
-
-    def values(self, metric: str) -> list[float]:
-        return [r["metrics"][metric] for r in self.ok if r.get("metrics", {}).get(metric) is not None]
-
-    def mean(self, metric: str) -> float | None:
-        v = self.values(metric)
-        return statistics.mean(v) if v else None
-
-    def std(self, metric: str) -> float | None:
-        v = self.values(metric)
-        return statistics.stdev(v) if len(v) > 1 else None
-
-    def cell(self, metric: str) -> str:
-        v = self.values(metric)
-        if not v:
-            if self.diverged:
-                return "diverged @" + ",".join(str(r.get("diverged_at")) for r in self.diverged)
-            return DASH
-        s = f"{statistics.mean(v):.1f}"
-        if len(v) > 1:
-            s += f" ± {statistics.stdev(v):.1f}"
-        s += f" (n={len(v)})"
-        if self.diverged:
-            s += f", {len(self.diverged)} diverged"
-        return s
 
 
 def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) -> str:
@@ -107,27 +64,27 @@ def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) 
     return f"opposite (±{noise:.1f}){small}"
 
 
-def metric_keys(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[str]:
-    """Primary metric first (the paper's), then any other metric our results carry."""
-    if spec.kind == "transfer":
-        return list(get_profile(profile).transfer_targets)
-    found = []
-    for recs in records.values():
-        for r in recs:
-            for k in (r.get("metrics") or {}):
-                if k not in found:
-                    found.append(k)
-    primary = spec.metric if spec.metric in found or not found else found[0]
-    return [primary] + [k for k in found if k != primary]
-
-
-def _delta(ours: RowStats, base: RowStats, metric: str) -> float | None:
-    a, b = ours.mean(metric), base.mean(metric)
-    return None if a is None or b is None else a - b
+def stale_rows(spec: Spec, records: dict[str, list[dict]], profile: str) -> dict[str, list[str]]:
+    """Rows with a run whose stored config is not what the spec resolves to now -> how it differs (first such run).
+    Records without a stored config and profiles not registered here are not judged."""
+    if profile not in PROFILES:
+        return {}
+    out = {}
+    for row in spec.rows:
+        for rec in records.get(row.name, []):
+            if rec.get("config") is None:
+                continue
+            now = PROFILES[profile].resolve(spec.setting(row), seed=rec.get("seed", 0)).model_dump(mode="json")
+            changes = config_changes(rec["config"], now)
+            if changes:
+                out[row.name] = changes
+                break
+    return out
 
 
 def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     records = store.table_records(spec.key)
+    stale = stale_rows(spec, records, store.profile)
     metrics = metric_keys(spec, records, store.profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     transfer = spec.kind == "transfer"
@@ -136,19 +93,20 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
         is_base = row.name == spec.baseline_of(row).name
         pd = paper_delta(spec, row)
+        label = row.label + (" (stale)" if row.name in stale else "")
         if transfer:
             paper_cells = [_fmt(row.paper.get(t)) if isinstance(row.paper, dict) else "n/a"
                            for t in spec.paper_targets]
             our_cells = [ours.cell(m) for m in metrics]
             our_d = _mean_delta(ours, base, metrics)
             v = "reference" if is_base else _transfer_verdict(pd, ours, base, metrics)
-            rows_out.append([row.label, *paper_cells, "" if is_base else _fmt(pd, True), *our_cells,
+            rows_out.append([label, *paper_cells, "" if is_base else _fmt(pd, True), *our_cells,
                              "" if is_base else _fmt(our_d, True), v])
         else:
             primary = metrics[0]
             v = "reference" if is_base else verdict(pd, ours, base, primary)
             extra = [ours.cell(m) for m in metrics[1:]]
-            rows_out.append([row.label, _fmt(paper_value(spec, row)), "" if is_base else _fmt(pd, True),
+            rows_out.append([label, _fmt(paper_value(spec, row)), "" if is_base else _fmt(pd, True),
                              ours.cell(primary), "" if is_base else _fmt(_delta(ours, base, primary), True), v,
                              *extra, *_instability_cells(ours)])
     if transfer:
@@ -157,11 +115,16 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     else:
         headers = ["row", "paper", "paper Δ", f"ours ({metrics[0]})", "ours Δ", "verdict",
                    *[f"ours ({m})" for m in metrics[1:]], *INSTABILITY_HEADERS]
-    lines = [f"## {spec.key}: {spec.title}", "",
+    lines = [f"## {spec.name}: {spec.title}", "",
              f"*{spec.paper_ref}* · paper metric: {spec.paper_metric} · profile: **{store.profile}**", ""]
     if spec.claim:
         lines += [f"Paper's claim: {spec.claim}", ""]
     lines += [tabulate(rows_out, headers, tablefmt="github", disable_numparse=True), ""]
+    if stale:
+        first = next(iter(stale.values()))
+        lines += [f"**Stale** rows ({', '.join(stale)}) were run with a config the spec no longer resolves to "
+                  f"(e.g. {first[0]}{' and more' if len(first) > 1 else ''}): `replicate run {spec.name} --profile "
+                  f"{store.profile}` re-runs them.", ""]
     lines += _footer(spec, store, transfer, records)
     figures = _figures(spec, store, records) if write and records else []
     lines += figures
@@ -169,11 +132,6 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     if write and records:
         atomic_write_text(store.profile_dir / f"{spec.key}.md", text + "\n")
     return text
-
-
-def _mean_delta(ours: RowStats, base: RowStats, metrics: list[str]) -> float | None:
-    ds = [d for d in (_delta(ours, base, m) for m in metrics) if d is not None]
-    return statistics.mean(ds) if ds else None
 
 
 def _transfer_verdict(pd, ours: RowStats, base: RowStats, metrics: list[str]) -> str:
@@ -214,7 +172,7 @@ def _precision_line(records: dict) -> list[str]:
     if not counts:
         return []
     return ["Pretraining precision: " + ", ".join(f"{p} ({n} run{'s' * (n > 1)})" for p, n in sorted(counts.items()))
-            + " (README, CPU precision).", ""]
+            + " (docs/performance.md, CPU precision).", ""]
 
 
 def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> list[str]:
@@ -239,16 +197,68 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
     return lines
 
 
+VERDICTS = ("reproduces", "within noise", "opposite")
+
+
+def row_verdicts(spec: Spec, store: ResultStore) -> list[tuple[Row, str, int]]:
+    """Every compared row of a study (baseline rows left out): its verdict as ``render_table`` writes it, and the
+    fewest seeds on either side of the comparison for the metric the verdict is taken on (0: not run)."""
+    records = store.table_records(spec.key)
+    metrics = metric_keys(spec, records, store.profile)
+    stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
+    out = []
+    for row in spec.rows:
+        base_row = spec.baseline_of(row)
+        if row.name == base_row.name:
+            continue
+        ours, base, pd = stats[row.name], stats[base_row.name], paper_delta(spec, row)
+        if spec.kind == "transfer":
+            v = _transfer_verdict(pd, ours, base, metrics)
+            used = next((m for m in metrics if ours.values(m) and base.values(m)), metrics[0])
+        else:
+            used = metrics[0]
+            v = verdict(pd, ours, base, used)
+        out.append((row, v, min(len(ours.values(used)), len(base.values(used)))))
+    return out
+
+
+def verdict_summary(profile: str = "reduced", results: str | Path | None = None) -> str:
+    """One markdown line per study: how many compared rows reproduce the paper's effect, are within noise or go the
+    opposite way (the verdicts of ``render_table``), how many have no verdict, and the seeds per row. Links point
+    to the rendered tables, relative to the repository root (the README's folder)."""
+    store = ResultStore(results, profile)
+    repo = Path(__file__).resolve().parent.parent
+    lines = ["| study | title | compared rows | reproduces | within noise | opposite | no verdict | seeds | stale rows |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for spec in all_specs():
+        verdicts = row_verdicts(spec, store)
+        counts = Counter(next((k for k in VERDICTS if v.startswith(k)), "other") for _, v, _ in verdicts)
+        seeds = sorted({n for _, _, n in verdicts if n})
+        seeds_cell = DASH if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        table = store.profile_dir / f"{spec.key}.md"
+        try:
+            study = f"[{spec.name}]({table.resolve().relative_to(repo).as_posix()})" if table.exists() else spec.name
+        except ValueError:  # a results folder outside the repository: no link
+            study = spec.name
+        stale = len(stale_rows(spec, store.table_records(spec.key), profile))
+        lines.append(f"| {study} | {spec.title} | {len(verdicts)} | " + " | ".join(
+            str(counts[k]) for k in (*VERDICTS, "other")) + f" | {seeds_cell} | {stale} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replicate.render",
-                                description="Write results/<profile>/tableN.md for every table with results and "
-                                            "print all tables beside the paper's numbers.")
-    p.add_argument("--profile", default="reduced", choices=sorted(PROFILES))
+                                description="Write results/<profile>/<spec name>.md for every study with results "
+                                            "and print all tables beside the paper's numbers.")
+    p.add_argument("--profile", default="reduced", metavar="NAME", help=f"one of {', '.join(PROFILES)}. Default: reduced")
     p.add_argument("--results", default=None, help="results root (default: the repo's results/)")
     p.add_argument("--table", default=None, help="render only this table (tableN)")
     args = p.parse_args(argv)
     from .spec import SpecError, find_spec, load_spec
 
+    if args.profile not in PROFILES:
+        print(f"error: unknown profile {args.profile!r}; choose one of: {', '.join(PROFILES)}", file=sys.stderr)
+        return 2
     store = ResultStore(args.results, args.profile)
     try:
         specs = [load_spec(find_spec(args.table))] if args.table else all_specs()

@@ -42,11 +42,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _field_defaults() -> dict:
+    """Flattened defaults of RunConfig (and its Setting): a record written before a field existed ran with them."""
+    from pydantic_core import PydanticUndefined
+
+    from .config import RunConfig, Setting
+
+    out = {name: f.default for name, f in RunConfig.model_fields.items() if f.default is not PydanticUndefined}
+    out.update({f"setting.{name}": f.default for name, f in Setting.model_fields.items()})
+    return out
+
+
 def config_changes(stored: dict | None, current: dict) -> list[str]:
-    """How a record's stored config differs from the current one, as 'field: old -> new' (empty: same run)."""
+    """How a record's stored config differs from the current one, as 'field: old -> new' (empty: same run).
+    A field missing from the record counts as its default (the record predates the field)."""
     if not stored:
         return ["config: (not recorded) -> current"]
-    a, b = _flatten(stored), _flatten(current)
+    a, b, defaults = _flatten(stored), _flatten(current), _field_defaults()
+    for key, value in defaults.items():
+        a.setdefault(key, value.value if hasattr(value, "value") else value)
     out = []
     for key in sorted(set(a) | set(b)):
         if key in RUNTIME_ONLY or a.get(key) == b.get(key):

@@ -114,12 +114,12 @@ def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
         imagenet_folder(data_root, "train"), imagenet_folder(data_root, "val")
 
 
-def run_table(spec: Spec, profile_name: str, seeds: int = 1, force: bool = False, data_root: str | None = None,
+def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bool = False, data_root: str | None = None,
               results_root=None, progress: bool = True, keep_stale: bool = False) -> ResultStore:
     """Run every (row, seed) that has no current result. A stored result is current while its resolved config
     equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
     it stale), and the log names the fields that changed."""
-    profile = get_profile(profile_name)
+    profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     store = ResultStore(results_root, profile.name)
     if D.is_main():

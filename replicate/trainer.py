@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -30,10 +29,11 @@ from .config import RunConfig
 from .data import channel_stats, is_tensor_dataset, pretraining_split
 from .hostmem import retain_freed_memory
 from .moco import SelfSupervisedViT
-from .monitor import TrainingMonitor
+from .monitor import HeldOutKnn, TrainingMonitor
 from .optim import build_optimizer
 from .precision import cpu_bf16_matmuls
 from .schedules import lr_schedule, momentum_schedule
+from .seeding import seed_everything  # noqa: F401 -- also importable from here
 
 
 @dataclass
@@ -46,21 +46,13 @@ class PretrainResult:
     monitor: dict = field(default_factory=dict)
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    import random
-
-    random.seed(seed)
-
-
 CHECKPOINT_EVERY_ENV = "REPLICATE_CHECKPOINT_EVERY"
 COMPILE_ENV = "REPLICATE_COMPILE"  # 1/0: torch.compile the backbones or not; unset: on GPU only
 
 
 def compile_wanted(device: torch.device) -> bool:
-    """``$REPLICATE_COMPILE`` (1/0), else on GPU only: the bench measured ViT-B/16 1.25x faster compiled on an H100,
-    and 1.00-1.07x on the 2-core CPU, not worth a compile per row (results/bench/)."""
+    """``$REPLICATE_COMPILE`` (1/0), else on GPU only: the bench finds compiling pays on a GPU, while on the CPUs
+    measured the gain is too small to be worth a compile per row (docs/code-measurements.md)."""
     value = os.environ.get(COMPILE_ENV, "")
     return device.type == "cuda" if value == "" else value != "0"
 
@@ -81,6 +73,29 @@ def checkpoint_interval(cfg: RunConfig) -> int:
     if every < 0:
         raise D.LaunchError(f"${CHECKPOINT_EVERY_ENV} must be a non-negative integer (got {env!r})")
     return every
+
+
+def compute_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
+                      momentum: float, lr: float, use_amp: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One iteration up to its update: set the lr, loss (momentum update and key forward inside the model, bf16
+    autocast if ``use_amp``), fresh gradients. Returns (loss, backbone features of the first view). ``model`` may be
+    the DDP wrapper. The update is ``optimizer.step()``, left to the caller: ``pretrain`` runs the monitor between
+    the two and skips the update of a diverged step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss, feats = model(x1, x2, momentum)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss, feats
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
+               momentum: float, lr: float, use_amp: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole iteration as ``pretrain`` runs it, without the monitor: ``compute_gradients``, then the update."""
+    loss, feats = compute_gradients(model, optimizer, x1, x2, momentum, lr, use_amp, device)
+    optimizer.step()
+    return loss, feats
 
 
 def make_augment(cfg: RunConfig, compile: bool = False) -> TwoViewBatchAugment:
@@ -191,7 +206,8 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     if D.is_dist():
         model = D.convert_sync_batchnorm(model, device)
     optimizer = build_optimizer(cfg, model)
-    monitor = TrainingMonitor(cfg, model, ipe * cfg.batch_size, lrs, ms)
+    held_out = HeldOutKnn.for_run(cfg, data_root, device) if cfg.monitor_probe else None
+    monitor = TrainingMonitor(cfg, model, ipe * cfg.batch_size, lrs, ms, held_out)
     start, t_offset = 0, 0.0
     state = restore_checkpoint(ckpt_path, cfg)
     if state is not None:
@@ -230,13 +246,8 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     with cpu_bf16_matmuls(model, device):  # bf16 products on CPUs with bf16 units (replicate/precision.py)
         model.train()
         for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = float(lrs[step])
             x1, x2, y = batches.batch(step)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, feats = ddp(x1, x2, float(ms[step]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, feats = compute_gradients(ddp, optimizer, x1, x2, float(ms[step]), float(lrs[step]), use_amp, device)
             # the global-batch loss: every process sees the same value, so all stop at the same step on divergence
             monitor.track(D.all_reduce_mean(loss.detach()))
             if monitor.should_flush(step, total):

@@ -5,7 +5,11 @@ import json
 import pytest
 import torch
 
-from replicate import bench
+from replicate.bench.__main__ import main as bench_main
+from replicate.bench.cpu import BenchPlan, bf16_vs_fp32, knn_comparison, measured_table_minutes, targets
+from replicate.bench.measure import count_step_flops, flop_counter
+from replicate.bench.plain import PlainStep
+from replicate.bench.suite import SuiteStep, reduced_config
 from replicate.config import Setting
 from replicate.moco import SelfSupervisedViT
 from replicate.profiles import SMOKE
@@ -27,9 +31,9 @@ def hand_count_step_flops(image=28, patch=7, dim=128, depth=4, hidden=512, out=1
 
 
 def test_step_flops_match_hand_count_for_reduced_model():
-    cfg = bench.reduced_config()
+    cfg = reduced_config()
     assert (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.head_hidden) == (128, 4, 7, 512)
-    counted = bench.count_step_flops(cfg, batch=8)
+    counted = count_step_flops(cfg, batch=8)
     expected = hand_count_step_flops(batch=8)
     assert 2.0e8 < expected < 2.5e8  # ~227 MFLOPs per image: the order the report's numbers rest on
     assert counted["train"] == pytest.approx(expected, rel=0.005)
@@ -44,16 +48,36 @@ def test_meta_count_equals_count_on_a_real_cpu_step():
     model = SelfSupervisedViT(cfg).train()
     x1 = torch.rand(4, cfg.in_chans, cfg.image_size, cfg.image_size)
     x2 = torch.rand_like(x1)
-    with bench.flop_counter() as real:
+    with flop_counter() as real:
         loss, _ = model(x1, x2, 0.99)
         loss.backward()
-    assert bench.count_step_flops(cfg, batch=4)["train"] == pytest.approx(real.get_total_flops() / 4, rel=0.02)
+    assert count_step_flops(cfg, batch=4)["train"] == pytest.approx(real.get_total_flops() / 4, rel=0.02)
+
+
+def test_suite_step_times_the_trainers_own_step(monkeypatch):
+    """The bench's suite side runs ``trainer.train_step`` (no copy of it): each SuiteStep call is one such step,
+    with the model's parameters updated."""
+    import replicate.bench.suite as suite
+    from replicate import trainer
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return trainer.train_step(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "train_step", spy)
+    step = SuiteStep(reduced_config(4).model_copy(update={"depth": 1}), torch.device("cpu"))
+    before = step.model.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    step()
+    assert calls == [step.model]
+    assert not torch.equal(before, step.model.backbone.blocks[0].attn.qkv.weight)
 
 
 def test_plain_reference_is_algorithm_1():
     """One plain step: the key encoder becomes m f_k + (1-m) f_q (from the pre-step f_q), the query encoder moves."""
-    cfg = bench.reduced_config(8).model_copy(update={"depth": 1})
-    step = bench.PlainStep(cfg, torch.device("cpu"), num_workers=0)
+    cfg = reduced_config(8).model_copy(update={"depth": 1})
+    step = PlainStep(cfg, torch.device("cpu"), num_workers=0)
     with torch.no_grad():  # make f_k differ from f_q so that the update is visible
         for p in step.f_k.parameters():
             p.add_(0.1)
@@ -66,7 +90,7 @@ def test_plain_reference_is_algorithm_1():
 
 
 def test_knn_faiss_agrees_with_sklearn():
-    r = bench.knn_comparison(bench.BenchPlan(knn_train=3000, knn_test=300))
+    r = knn_comparison(BenchPlan(knn_train=3000, knn_test=300))
     assert r["agreement"] >= 0.98
     assert r["faiss_acc"] == pytest.approx(r["sklearn_acc"], abs=0.02)
 
@@ -74,7 +98,7 @@ def test_knn_faiss_agrees_with_sklearn():
 @pytest.mark.smoke
 def test_quick_bench_writes_report(tmp_path):
     out = tmp_path / "bench" / "README.md"
-    res = bench.main(["--quick", "--out", str(out)])
+    res = bench_main(["--quick", "--out", str(out)])
     text = out.read_text()
     for heading in ("## Targets", "## 1. Pretraining throughput", "## 2. FLOPs and peak", "## 3. Data pipeline",
                     "## 4. kNN evaluation", "## 5. Head to head", "## 6. torch.compile, threads and precision",
@@ -99,9 +123,9 @@ def test_quick_bench_writes_report(tmp_path):
 def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32():
     """The bench's bf16 row must time a bf16 model (autocast on), and the default CPU step must not."""
     dtypes = {}
-    cfg = bench.reduced_config(8)
+    cfg = reduced_config(8)
     for amp in (False, True):
-        step = bench.SuiteStep(cfg, torch.device("cpu"), amp=True if amp else None)
+        step = SuiteStep(cfg, torch.device("cpu"), amp=True if amp else None)
 
         def record(module, inputs, output, amp=amp):
             dtypes.setdefault(amp, output.dtype)
@@ -109,7 +133,7 @@ def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32():
         step.model.backbone.blocks[0].mlp.fc1.register_forward_hook(record)
         step()
     assert dtypes == {False: torch.float32, True: torch.bfloat16}
-    r = bench.bf16_vs_fp32(bench.BenchPlan(blocks=1, block_steps=1), 8, torch.device("cpu"))
+    r = bf16_vs_fp32(BenchPlan(blocks=1, block_steps=1), 8, torch.device("cpu"))
     assert r["bf16_step_s"] > 0 and r["fp32_step_s"] > 0 and r["bf16_peak"]["what"].startswith("bfloat16")
 
 
@@ -117,22 +141,22 @@ def test_measured_table_minutes_sums_seed0_rows_and_names_their_cpus(tmp_path):
     from replicate.results import ResultStore
     from replicate.spec import all_specs
 
-    spec = next(s for s in all_specs() if s.key == "table8")
+    spec = next(s for s in all_specs() if s.name == "table8")
     fp32_root, bf16_root = tmp_path / "fp32", tmp_path / "bf16"
     roots = (fp32_root, bf16_root)
-    assert bench.measured_table_minutes(spec, "fp32", roots) == (None, set())  # nothing run yet
+    assert measured_table_minutes(spec, "fp32", roots) == (None, set())  # nothing run yet
     for i, row in enumerate(spec.rows):
         prov = {"cpu": "CPU A"} if i == 0 else {}  # the second record predates CPU (and precision) provenance
         ResultStore(fp32_root, "reduced").save(spec.key, row.name, 0,
                                                 {"status": "ok", "wall_time_s": 60.0 * (i + 1), "provenance": prov})
         ResultStore(bf16_root, "reduced").save(spec.key, row.name, 0, {
             "status": "ok", "wall_time_s": 30.0, "provenance": {"cpu": "CPU B", "precision": "bf16 matmul"}})
-    minutes, cpus = bench.measured_table_minutes(spec, "fp32", roots)
+    minutes, cpus = measured_table_minutes(spec, "fp32", roots)
     assert minutes == pytest.approx(sum(range(1, len(spec.rows) + 1)))
     assert cpus == {"CPU A", "unrecorded"}
     # a table's time counts only runs in the precision asked for, wherever they are committed
-    assert bench.measured_table_minutes(spec, "bf16 matmul", roots) == (pytest.approx(len(spec.rows) / 2), {"CPU B"})
-    assert bench.measured_table_minutes(spec, "bf16 autocast", roots) == (None, set())
+    assert measured_table_minutes(spec, "bf16 matmul", roots) == (pytest.approx(len(spec.rows) / 2), {"CPU B"})
+    assert measured_table_minutes(spec, "bf16 autocast", roots) == (None, set())
 
 
 def test_table_target_counts_only_times_measured_on_this_cpu():
@@ -144,7 +168,7 @@ def test_table_target_counts_only_times_measured_on_this_cpu():
     res = {"head_to_head": h2h, "tables": tables, "bench_s": 100.0}
 
     def tables_target() -> dict:
-        return next(t for t in bench.targets(res, bench.BenchPlan()) if "every reduced table" in t["target"])
+        return next(t for t in targets(res, BenchPlan()) if "every reduced table" in t["target"])
 
     assert not tables_target()["pass"] and "table10 102 min (estimated)" in tables_target()["value"]
     tables[1]["measured_here"] = True
@@ -154,7 +178,7 @@ def test_table_target_counts_only_times_measured_on_this_cpu():
 @pytest.mark.smoke
 def test_gpu_bench_runs_end_to_end_on_the_cpu_with_the_reduced_model():
     """The GPU bench's code path (here on the CPU, reduced model): every section, MFU consistent with its inputs."""
-    from replicate.bench_gpu import GpuPlan, datasheet_peak, render_gpu, run_gpu_bench
+    from replicate.bench.gpu import GpuPlan, datasheet_peak, render_gpu, run_gpu_bench
 
     res = run_gpu_bench(GpuPlan.quick(), torch.device("cpu"), log=lambda m: None)
     row = res["steps"][0]
@@ -170,9 +194,9 @@ def test_gpu_bench_runs_end_to_end_on_the_cpu_with_the_reduced_model():
 
 
 def test_folder_suite_step_feeds_rgb_crops_through_the_batched_photometric_ops():
-    from replicate.bench_gpu import FolderSuiteStep
+    from replicate.bench.gpu import FolderSuiteStep
 
-    cfg = bench.reduced_config(4).model_copy(update={"depth": 1, "in_chans": 3, "dataset": "imagenet",
+    cfg = reduced_config(4).model_copy(update={"depth": 1, "in_chans": 3, "dataset": "imagenet",
                                                      "image_size": 28})
     step = FolderSuiteStep(cfg, torch.device("cpu"), workers=0, compile_backbones=False)
     x1, x2 = step.views()

@@ -1,13 +1,15 @@
-"""kNN equals a brute-force reference; the linear probe leaves the backbone bit-identical and learns."""
+"""kNN (faiss search and the training monitor's exact one) equals a brute-force reference and a hand-computed vote;
+the linear probe leaves the backbone bit-identical and learns."""
 import torch
 import torch.nn.functional as F
 
 from evals.features import extract_features
-from evals.knn import knn_classify
+from evals.knn import knn_classify, weighted_vote
 from evals.linear import linear_probe_cached, state_digest
 from replicate.config import Setting
 from replicate.data import load_digits_split
 from replicate.model import build_vit
+from replicate.monitor import weighted_knn_predict
 from replicate.profiles import SMOKE
 
 
@@ -29,6 +31,24 @@ def test_knn_matches_brute_force_reference():
         ours = knn_classify(train, train_y, test, k=k, t=t, num_classes=13, chunk=16)
         ref = brute_force_knn(train, train_y, test, k, t, 13)
         assert torch.equal(ours, ref)
+
+
+def test_weighted_vote_by_hand():
+    """One query, neighbours with similarities 0.5 (class 0), 0.4 and 0.4 (class 1). t = 1: class 0 gets
+    e^0.5 = 1.65, class 1 gets 2 e^0.4 = 2.98, the two votes win. t = 0.07: e^(0.5/0.07) = 1265 against
+    2 e^(0.4/0.07) = 606, the nearer one wins."""
+    sims, labels = torch.tensor([[0.5, 0.4, 0.4]]), torch.tensor([[0, 1, 1]])
+    assert weighted_vote(sims, labels, num_classes=3, t=1.0).tolist() == [1]
+    assert weighted_vote(sims, labels, num_classes=3, t=0.07).tolist() == [0]
+
+
+def test_monitor_knn_matches_brute_force_reference():
+    g = torch.Generator().manual_seed(2)
+    bank, query = torch.randn(300, 16, generator=g), torch.randn(40, 16, generator=g)
+    bank_y = torch.randint(0, 7, (300,), generator=g)
+    for k, t in ((20, 0.07), (3, 0.5)):
+        ours = weighted_knn_predict(query, bank, bank_y, 7, k, t)
+        assert torch.equal(ours, brute_force_knn(bank, bank_y, query, k, t, 7))
 
 
 def test_knn_separable_clusters():

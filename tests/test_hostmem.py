@@ -9,7 +9,7 @@ import pytest
 # Six MoCo v3 steps of the reduced model (one block, to keep it fast) at the reduced batch; faults per step.
 CODE = """
 import json, resource, torch
-from replicate.bench import SuiteStep, reduced_config
+from replicate.bench.suite import SuiteStep, reduced_config
 from replicate.hostmem import retain_freed_memory
 applied = retain_freed_memory()
 step = SuiteStep(reduced_config(256).model_copy(update={"depth": 1}), torch.device("cpu"))

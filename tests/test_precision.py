@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from replicate import precision
-from replicate.bench import SuiteStep, reduced_config
+from replicate.bench.suite import SuiteStep, reduced_config
 from replicate.moco import SelfSupervisedViT
 
 

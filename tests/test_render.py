@@ -36,7 +36,7 @@ def test_rendered_deltas_from_results(tmp_path):
     line = next(ln for ln in text.splitlines() if ln.startswith("| w/o pred"))
     assert "-1.0" in line  # paper: 75.5 - 76.5
     assert "-2.5" in line and "reproduces" in line  # ours: 78.0 - 80.5
-    assert (tmp_path / "smoke" / "table8.md").read_text().strip() == text.strip()
+    assert (tmp_path / "smoke" / f"{spec.key}.md").read_text().strip() == text.strip()
 
 
 def test_rendered_table_says_how_its_runs_multiplied(tmp_path):

@@ -94,7 +94,7 @@ def cli(weights: Path, spec: Path, results: Path) -> list[str]:
 
 @pytest.mark.smoke  # three short CLI runs: ~1 min on 2 cores
 def test_sigkill_mid_training_then_rerun_is_bit_identical(tmp_path):
-    spec = tmp_path / "resume_probe.yaml"
+    spec = tmp_path / "resume_probe.yaml"  # results and checkpoints are keyed by the spec file's name
     spec.write_text(SPEC)
     env = {**os.environ, CHECKPOINT_EVERY_ENV: "4", "PYTHONPATH": str(REPO)}
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
@@ -103,7 +103,7 @@ def test_sigkill_mid_training_then_rerun_is_bit_identical(tmp_path):
     (crashed / "smoke").mkdir(parents=True)
     shutil.copy(clean / "smoke" / "baselines.json", crashed / "smoke" / "baselines.json")
 
-    ckpt = crashed / "smoke" / "ckpt" / "table90" / "a" / "seed0.pt"
+    ckpt = crashed / "smoke" / "ckpt" / "resume_probe" / "a" / "seed0.pt"
     proc = subprocess.Popen(cli(tmp_path / "unused.pt", spec, crashed), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -112,7 +112,7 @@ def test_sigkill_mid_training_then_rerun_is_bit_identical(tmp_path):
     assert ckpt.exists(), "no checkpoint appeared before the run ended"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    result = crashed / "smoke" / "table90" / "a" / "seed0.json"
+    result = crashed / "smoke" / "resume_probe" / "a" / "seed0.json"
     assert not result.exists()  # killed mid-training, before the row finished
 
     rerun = subprocess.run(cli(tmp_path / "resumed.pt", spec, crashed), env=env, cwd=REPO, check=True,
@@ -120,7 +120,7 @@ def test_sigkill_mid_training_then_rerun_is_bit_identical(tmp_path):
     assert "resuming mocov3 seed 0 from step " in rerun.stderr  # it resumed, not restarted
     assert not ckpt.exists()  # a finished row leaves no checkpoint behind
 
-    want = json.loads((clean / "smoke" / "table90" / "a" / "seed0.json").read_text())
+    want = json.loads((clean / "smoke" / "resume_probe" / "a" / "seed0.json").read_text())
     got = json.loads(result.read_text())
     assert got["status"] == want["status"] == "ok"
     assert got["metrics"] == want["metrics"] and got["iterations"] == want["iterations"] == 18

@@ -133,3 +133,16 @@ def test_unknown_profile_is_one_line(capsys):
     assert main(["run", "table5", "--profile", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown profile 'nosuch'" in err
+
+
+def test_a_record_older_than_a_config_field_counts_it_at_its_default():
+    from replicate.config import Setting
+    from replicate.profiles import SMOKE
+    from replicate.results import config_changes
+
+    now = SMOKE.resolve(Setting()).model_dump(mode="json")
+    old = {k: v for k, v in now.items() if k not in ("monitor_probe", "monitor_bank")}  # written before they existed
+    assert config_changes(old, {**now, "monitor_probe": 0, "monitor_bank": 0}) == []
+    assert config_changes(old, now) == [f"monitor_bank: 0 -> {now['monitor_bank']}",
+                                        f"monitor_probe: 0 -> {now['monitor_probe']}"]
+    assert config_changes(now, {**now, "checkpoint_every": 7}) == []  # when a run saves is not what it computes

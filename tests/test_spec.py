@@ -4,7 +4,6 @@ import sys
 
 import pytest
 
-from replicate.config import Setting
 from replicate.spec import SpecError, all_specs, find_spec, load_spec
 
 
@@ -17,8 +16,10 @@ def test_all_eleven_specs_validate_and_carry_paper_numbers():
     assert by_id[3].row("lr3e-4").paper is None  # unknown in every source: rendered n/a, never invented
     assert by_id[11].row("mocov3").paper["cifar10"] == 98.9
     for s in specs:
-        for row in s.rows:
-            assert isinstance(s.setting(row), Setting)
+        for row in s.rows:  # a row's setting is the base with the row's overrides on top, every key as written
+            setting = s.setting(row).model_dump()
+            assert all(setting[k] == v for k, v in {**s.base, **row.set}.items()), (s.key, row.name)
+    assert by_id[9].setting(by_id[9].row("m0")).momentum == 0.0
 
 
 @pytest.mark.parametrize("body, where", [

@@ -1,23 +1,19 @@
-"""Performance bench: how fast the suite pretrains, against the machine's peak and a plain reference.
+"""The CPU bench: how fast the suite pretrains, against the machine's peak and a plain reference.
 
-``python -m replicate.bench [--out results/bench/README.md] [--quick]`` measures, in one process:
+Measures, in one process (``python -m replicate.bench`` on a machine without a CUDA GPU):
 1. MoCo v3 training-step throughput (images/s) of the reduced model at a few batch sizes and of ViT-B/16 at 224²,
-   with the suite's own pieces (``TwoViewBatchAugment``, ``SelfSupervisedViT``, ``build_optimizer``) on synthetic
-   in-memory images; warm-up steps are not timed.
+   with the trainer's own step (``SuiteStep``: ``make_augment``, ``SelfSupervisedViT``, ``build_optimizer``,
+   ``trainer.train_step``) on synthetic in-memory images; warm-up steps are not timed.
 2. FLOPs per image of one training step (``torch.utils.flop_counter``) and the achieved fraction of the measured
    matmul peak of the precision the step multiplies in (fp32 or bf16 2048² on CPU, see replicate/precision.py;
    bf16 8192² on CUDA).
 3. The batched augmentation alone; 4. faiss kNN against scikit-learn brute force on the same features;
-5. a plain reference: Algorithm 1 written straightforwardly (per-image PIL transforms in a DataLoader, eager timm
-   ViT, python-loop momentum update), same model size and batch, against the suite in each CPU precision;
-   6. torch.compile, thread-count and bf16-autocast variants;
+5. the plain reference (replicate/bench/plain.py: Algorithm 1 written straightforwardly), same model size and
+   batch, against the suite in each CPU precision; 6. torch.compile, thread-count and bf16-autocast variants;
 7. targets with PASS/FAIL, and the estimated time of every reduced table from the measured throughput.
-A markdown report goes to ``--out`` and the raw numbers to the same path with ``.json``.
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import math
 import os
@@ -31,25 +27,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
-from torch import nn
 
-from .config import RunConfig, Setting
-from .data import channel_stats
-from .hostmem import retain_freed_memory
-from .moco import SelfSupervisedViT
-from .optim import build_optimizer
-from .precision import LABELS, cpu_bf16_matmuls, cpu_has_bf16, step_precision, training_precision
-from .profiles import PAPER, REDUCED
-from .results import ResultStore, cpu_info
-from .trainer import make_augment
+from ..config import RunConfig
+from ..hardware import cpu_info
+from ..precision import LABELS, cpu_has_bf16, step_precision, training_precision
+from ..profiles import REDUCED
+from ..results import ResultStore
+from ..trainer import make_augment
+from .measure import (
+    COMPILE_LIMIT_S,
+    count_step_flops,
+    flops_str,
+    interleaved_ratio,
+    matmul_peak,
+    time_steps,
+)
+from .plain import PlainWorker
+from .suite import SuiteStep, paper_config, reduced_config, suite_throughput
 
 # iterations per reduced epoch = pretraining images // batch (drop_last, as the trainer)
 FMNIST_TRAIN_IMAGES = REDUCED.train_subset or 60000
 FMNIST_EVAL_IMAGES = FMNIST_TRAIN_IMAGES + 10000  # bank/probe images + the test set, extracted after every row
-COMPILE_LIMIT_S = 120
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -80,325 +79,11 @@ class BenchPlan:
                    settle_s=0.0, shape_steps=0)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reduced_config(batch: int | None = None, **setting) -> RunConfig:
-    cfg = REDUCED.resolve(Setting(**setting))
-    return cfg if batch is None else cfg.model_copy(update={"batch_size": batch})
-
-
-def paper_config(batch: int) -> RunConfig:
-    return PAPER.resolve(Setting()).model_copy(update={"batch_size": batch})
-
-
-# --------------------------------------------------------------------------------------------- machine peak
-def matmul_peak(device: torch.device, reps: int = 5, dtype: torch.dtype | None = None) -> dict:
-    """Best-of-``reps`` FLOP/s of one large matmul: fp32 2048² on CPU, bf16 8192² on CUDA (or ``dtype``)."""
-    n = 8192 if device.type == "cuda" else 2048
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return {"what": f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul, best of {reps}",
-            "flops_per_s": 2 * n ** 3 / best}
-
-
-# ------------------------------------------------------------------------------------------- FLOP counting
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter():
-    """FlopCounterMode that also counts the CPU fused-attention kernels (torch only registers the CUDA ones)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-    })
-
-
-# ---------------------------------------------------------------------------------- the suite's training step
-class SuiteStep:
-    """One trainer iteration (``trainer.pretrain`` without monitor/checkpoints) on synthetic in-memory images."""
-
-    def __init__(self, cfg: RunConfig, device: torch.device, compile_backbones: bool = False,
-                 amp: bool | None = None, cpu_bf16: bool | None = None):
-        retain_freed_memory()  # as trainer.pretrain does
-        torch.manual_seed(0)
-        self.cfg, self.device = cfg, device
-        self.model = SelfSupervisedViT(cfg).to(device).train()
-        if compile_backbones:
-            self.model.compile_backbones()
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.augment = make_augment(cfg, compile=compile_backbones)
-        pool = min(4 * cfg.batch_size, max(cfg.batch_size, 2048))
-        self.images = torch.rand(pool, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
-        self.gen = torch.Generator(device=device).manual_seed(0)
-        self.amp = device.type == "cuda" if amp is None else amp  # the trainer's bf16 autocast: GPU only
-        self.cpu_bf16 = cpu_bf16  # CPU bf16 matmuls (replicate/precision.py); None: the trainer's default
-
-    def views(self):
-        idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=self.gen, device=self.device)
-        return self.augment(self.images[idx], self.gen)
-
-    def model_step(self, x1: torch.Tensor, x2: torch.Tensor) -> None:
-        with cpu_bf16_matmuls(self.model, self.device, self.cpu_bf16):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss, _ = self.model(x1, x2, 0.99)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        self.optimizer.step()
-
-    def __call__(self) -> None:
-        self.model_step(*self.views())
-
-
-def count_step_flops(cfg: RunConfig, batch: int | None = None) -> dict:
-    """FLOPs per source image of one training step's model compute (query fwd+bwd on both views, momentum
-    fwd, losses) and of one backbone forward (feature extraction), counted on the meta device: exact shapes, no
-    arithmetic, so even ViT-H costs nothing. The optimizer step and augmentation are elementwise: no FLOPs here."""
-    batch = batch or cfg.batch_size
-    with torch.device("meta"):
-        model = SelfSupervisedViT(cfg).train()
-        x1 = torch.empty(batch, cfg.in_chans, cfg.image_size, cfg.image_size)
-        x2 = torch.empty_like(x1)
-    with flop_counter() as step:
-        loss, _ = model(x1, x2, 0.99)
-        loss.backward()
-    with flop_counter() as fwd, torch.no_grad():
-        model.backbone.eval()(x1)
-    return {"train": step.get_total_flops() / batch, "forward": fwd.get_total_flops() / batch}
-
-
-def time_steps(step, warmup: int, steps: int, device: torch.device) -> dict:
-    """Per-step wall times after ``warmup`` untimed steps; the median is robust to a shared, noisy machine."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"warmup_s": warm_s, "step_s": statistics.median(times), "steps": steps, "all_s": times}
-
-
-def suite_throughput(cfg: RunConfig, device: torch.device, plan: BenchPlan, compile_backbones=False) -> dict:
-    step = SuiteStep(cfg, device, compile_backbones)
-    t = time_steps(step, plan.warmup, plan.steps, device)
-    return {"batch": cfg.batch_size, "images_per_s": cfg.batch_size / t["step_s"], **t}
-
-
-# ------------------------------------------------------------------------------------ the plain reference
-class PlainTwoViewDataset(torch.utils.data.Dataset):
-    """Per-image PIL augmentation, as a straightforward Algorithm 1 would load data: for RGB images the official
-    ``main_moco.py`` pipeline (the suite's paper path), for 28x28 grayscale its one-channel adaptation."""
-
-    def __init__(self, images_u8: np.ndarray, cfg: RunConfig, length: int | None = None, two_views=None):
-        from PIL import ImageFilter, ImageOps
-        from torchvision import transforms as T
-
-        from .augment import two_view_pil_transforms
-
-        self.images, self.length, self.two_views = images_u8, length or len(images_u8), two_views
-        if two_views is not None:  # another per-image pipeline (the suite's crops-only one, in the GPU bench)
-            return
-        if cfg.in_chans == 3:
-            self.two_views = two_view_pil_transforms(cfg.image_size, cfg.crop_min)
-            return
-        lo, hi = cfg.blur_sigma
-
-        def blur(img):
-            return img.filter(ImageFilter.GaussianBlur(radius=float(np.random.uniform(lo, hi))))
-
-        mean, std = channel_stats(cfg.dataset)
-        common = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min, 1.0)),
-                  T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
-        tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
-        view1 = T.Compose(common + [T.Lambda(blur)] + tail)
-        view2 = T.Compose(common + [T.RandomApply([T.Lambda(blur)], p=0.1),
-                                    T.RandomApply([T.Lambda(ImageOps.solarize)], p=0.2)] + tail)
-        self.two_views = lambda img: (view1(img), view2(img))
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.two_views(Image.fromarray(self.images[i % len(self.images)]))  # (H, W) -> "L", (H, W, 3) -> RGB
-
-
-def plain_images(cfg: RunConfig, n: int) -> np.ndarray:
-    """Random uint8 source images: the dataset's size for 28² grayscale, 256² (a decoded, resized ImageNet JPEG's
-    scale) for RGB."""
-    shape = (cfg.image_size, cfg.image_size) if cfg.in_chans == 1 else (256, 256, 3)
-    return np.random.default_rng(0).integers(0, 256, (n, *shape), np.uint8)
-
-
-def endless(loader):
-    """A DataLoader's batches without end: a new epoch starts when one runs out."""
-    while True:
-        yield from loader
-
-
-def plain_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
-    """The official moco-v3 ``_build_mlp``, verbatim in structure."""
-    mlp = []
-    for layer in range(num_layers):
-        dim1 = input_dim if layer == 0 else mlp_dim
-        dim2 = output_dim if layer == num_layers - 1 else mlp_dim
-        mlp.append(nn.Linear(dim1, dim2, bias=False))
-        if layer < num_layers - 1:
-            mlp.append(nn.BatchNorm1d(dim2))
-            mlp.append(nn.ReLU(inplace=True))
-        elif last_bn:
-            mlp.append(nn.BatchNorm1d(dim2, affine=False))
-    return nn.Sequential(*mlp)
-
-
-class PlainStep:
-    """Algorithm 1 of the paper written plainly: DataLoader of PIL views, eager timm ViT, loop momentum update.
-    ``amp``: bf16 autocast, as the official code's AMP (used on GPU, where the suite autocasts too)."""
-
-    def __init__(self, cfg: RunConfig, device: torch.device, num_workers: int, amp: bool = False,
-                 pool: int | None = None):
-        import timm
-
-        torch.manual_seed(0)
-        self.cfg, self.device, self.m, self.tau, self.amp = cfg, device, 0.99, cfg.setting.temperature, amp
-        base = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=cfg.image_size,
-                                 patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-                                 depth=cfg.depth, num_heads=cfg.num_heads)
-        self.f_q = nn.Sequential(base, plain_mlp(3, cfg.embed_dim, cfg.head_hidden, cfg.head_out)).to(device)
-        self.predictor = plain_mlp(2, cfg.head_out, cfg.head_hidden, cfg.head_out).to(device)
-        self.f_k = copy.deepcopy(self.f_q)
-        for p in self.f_k.parameters():
-            p.requires_grad = False
-        params = [*self.f_q.parameters(), *self.predictor.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # 64 batches: no epoch ends within the bench (~45 steps). An epoch's last steps run with the DataLoader
-        # worker idle (nothing left to prefetch), i.e. uncontended and unrepresentatively fast.
-        length = 64 * cfg.batch_size
-        dataset = PlainTwoViewDataset(plain_images(cfg, min(length, pool or length)), cfg, length)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                             num_workers=num_workers, persistent_workers=num_workers > 0,
-                                             pin_memory=device.type == "cuda",
-                                             # Linux's default, also inside the bench's spawned child
-                                             multiprocessing_context="fork" if num_workers and
-                                             sys.platform.startswith("linux") else None)
-        self.batches = endless(loader)
-
-    def ctr(self, q, k):
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        logits = torch.einsum("nc,mc->nm", q, k) / self.tau
-        return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * 2 * self.tau
-
-    def model_step(self, x1: torch.Tensor, x2: torch.Tensor) -> None:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            q1, q2 = self.predictor(self.f_q(x1)), self.predictor(self.f_q(x2))
-            with torch.no_grad():
-                for p_k, p_q in zip(self.f_k.parameters(), self.f_q.parameters()):
-                    p_k.data = p_k.data * self.m + p_q.data * (1.0 - self.m)
-                k1, k2 = self.f_k(x1), self.f_k(x2)
-            loss = self.ctr(q1, k2) + self.ctr(q2, k1)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-
-    def __call__(self) -> None:
-        x1, x2 = next(self.batches)
-        self.model_step(x1.to(self.device), x2.to(self.device))
-
-
-def _plain_worker_main(conn, cfg_json: str, num_workers: int, warmup: int, device: str) -> None:
-    """Child process: build the plain reference, then time ``n`` steps whenever the parent sends ``n``."""
-    try:
-        step = PlainStep(RunConfig.model_validate_json(cfg_json), torch.device(device), num_workers)
-        for _ in range(warmup):
-            step()
-        conn.send("ready")
-        while (request := conn.recv())[0] > 0:
-            n, untimed = request
-            for _ in range(untimed):
-                step()
-            times = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                step()
-                sync(torch.device(device))
-                times.append(time.perf_counter() - t0)
-            conn.send(times)
-    except EOFError:  # the parent went away
-        pass
-    except Exception as e:  # noqa: BLE001 -- reported to the parent as one line
-        conn.send(f"{type(e).__name__}: {e}")
-
-
-class PlainWorker:
-    """The plain reference in a fresh process of its own (default allocator and settings, none of the suite's),
-    driven step by step over a pipe so that its steps interleave with the suite's on the same machine state."""
-
-    def __init__(self, cfg: RunConfig, num_workers: int, warmup: int, device: torch.device):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.num_workers = num_workers
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_plain_worker_main, daemon=False,  # its DataLoader may start workers
-                                args=(child, cfg.model_dump_json(), num_workers, warmup, str(device)))
-        self.proc.start()
-        self._receive()
-
-    def _receive(self):
-        if not self.conn.poll(COMPILE_LIMIT_S):
-            raise RuntimeError(f"the plain reference process gave no answer in {COMPILE_LIMIT_S} s")
-        msg = self.conn.recv()
-        if isinstance(msg, str) and msg != "ready":
-            raise RuntimeError(f"plain reference failed: {msg}")
-        return msg
-
-    def steps(self, n: int, untimed: int = 0) -> list[float]:
-        """Times of ``n`` steps after ``untimed`` ones. With DataLoader workers, the first steps after an idle spell
-        eat batches prefetched off the clock; untimed steps first measure the steady state instead."""
-        self.conn.send((n, untimed))
-        return self._receive()
-
-    def close(self) -> None:
-        try:
-            self.conn.send((0, 0))
-        except (BrokenPipeError, OSError):
-            pass
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-
-
+# --------------------------------------------------------------------------- the suite against the plain reference
 def head_to_head(cfg: RunConfig, device: torch.device, plan: BenchPlan, train_flops_per_image: float) -> dict:
     """The suite against the plain reference, and against the matmul peak, in interleaved blocks.
 
-    This machine's speed drifts by tens of percent within a minute (a shared VM), so a suite median taken at one
+    This machine's speed drifts within a minute (a shared VM; docs/code-measurements.md), so a suite median taken at one
     time and a plain median or a peak taken at another compare machine states, not code. Each block therefore
     runs a peak probe (best of 3), ``block_steps`` suite steps and ``block_steps`` steps of each plain
     configuration back to back; the ratio and the fraction of peak are computed per block and their medians
@@ -450,7 +135,7 @@ def head_to_head(cfg: RunConfig, device: torch.device, plan: BenchPlan, train_fl
             "suite_step_s": suite[default]["step_s"], "suite_images_per_s": suite[default]["images_per_s"]}
 
 
-# ----------------------------------------------------------------------------------- pipeline and kNN
+# ------------------------------------------------------------------------------------------------ pipeline and kNN
 def pipeline_throughput(plan: BenchPlan, device: torch.device, batch: int = 256) -> dict:
     cfg = reduced_config()
     augment = make_augment(cfg)
@@ -487,16 +172,16 @@ def knn_comparison(plan: BenchPlan, k: int = 20, t: float = 0.07) -> dict:
             "faiss_acc": (pred_faiss == yte).float().mean().item(), "sklearn_acc": (pred_sk == yte).float().mean().item()}
 
 
-# ------------------------------------------------------------------------------- torch.compile, threads
+# ------------------------------------------------------------------------------------------ torch.compile, threads
 def in_child(expr: str, env: dict | None = None, limit_s: float = COMPILE_LIMIT_S + 60) -> dict:
     """Evaluate ``expr`` (a bench call returning a dict) in a child process: for torch.compile (a slow or failing
     compile cannot stall or break the bench) and for OpenMP settings that only take effect at process start."""
-    code = f"import json, torch; from replicate import bench; r = {expr}; print('RESULT ' + json.dumps(r))"
+    code = f"import json, torch; from replicate.bench import cpu; r = {expr}; print('RESULT ' + json.dumps(r))"
     t0 = time.perf_counter()
     try:
         out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                              timeout=limit_s,
-                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})})
+                             cwd=Path(__file__).resolve().parents[2], env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"status": f"gave up after {time.perf_counter() - t0:.0f} s"}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -507,21 +192,8 @@ def in_child(expr: str, env: dict | None = None, limit_s: float = COMPILE_LIMIT_
 
 
 def child_throughput(plan: BenchPlan, batch: int, env: dict | None = None) -> dict:
-    return in_child(f"bench.suite_throughput(bench.reduced_config({batch}), torch.device('cpu'), "
-                    f"bench.BenchPlan(warmup={plan.warmup}, steps={plan.steps}))", env)
-
-
-def interleaved_ratio(base, variant, blocks: int, block_steps: int, device: torch.device) -> dict:
-    """Median per-block ratio base/variant of step times, the two timed in alternating blocks (as §5)."""
-    ratios, b_all, v_all = [], [], []
-    for _ in range(blocks):
-        b = statistics.median(time_steps(base, 0, block_steps, device)["all_s"])
-        v = statistics.median(time_steps(variant, 0, block_steps, device)["all_s"])
-        ratios.append(b / v)
-        b_all.append(b)
-        v_all.append(v)
-    return {"base_step_s": statistics.median(b_all), "variant_step_s": statistics.median(v_all),
-            "speedup": statistics.median(ratios)}
+    return in_child(f"cpu.suite_throughput(cpu.reduced_config({batch}), torch.device('cpu'), {plan.warmup}, "
+                    f"{plan.steps})", env)
 
 
 def compile_vs_eager(batch: int, blocks: int, block_steps: int) -> dict:
@@ -554,29 +226,39 @@ def bf16_vs_fp32(plan: BenchPlan, batch: int, device: torch.device) -> dict:
 
 
 def compiled_throughput(plan: BenchPlan, batch: int) -> dict:
-    r = in_child(f"bench.compile_vs_eager({batch}, {plan.blocks}, {plan.block_steps})")
+    r = in_child(f"cpu.compile_vs_eager({batch}, {plan.blocks}, {plan.block_steps})")
     if r["status"] == "ok" and r["warmup_s"] > COMPILE_LIMIT_S:
         r["status"] = f"compile + warm-up took {r['warmup_s']:.0f} s (> {COMPILE_LIMIT_S} s limit)"
     return r
 
 
 def threads_throughput(plan: BenchPlan, device: torch.device, batch: int) -> list[dict]:
-    """torch intra-op threads 1 vs all cores, and libgomp's passive wait policy (threads sleep at barriers
-    instead of spinning), which matters when other processes share the cores."""
+    """torch intra-op threads 1 vs all cores; then libgomp's wait policies on an idle machine and on one where
+    another process keeps a core busy. ACTIVE threads spin at every barrier, which wins a little when the cores
+    are free and collapses when one is taken; PASSIVE (the suite's default, ``replicate/__init__.py``) sleeps."""
     rows, default = [], torch.get_num_threads()
     for n in sorted({1, 2, default}):
         torch.set_num_threads(n)
         try:
-            r = suite_throughput(reduced_config(batch), device, plan)
+            r = suite_throughput(reduced_config(batch), device, plan.warmup, plan.steps)
         finally:
             torch.set_num_threads(default)
         rows.append({"setting": f"torch.set_num_threads({n})", **r})
-    r = child_throughput(plan, batch, env={"OMP_WAIT_POLICY": "PASSIVE"})
-    rows.append({"setting": f"OMP_WAIT_POLICY=PASSIVE, {default} threads", **r})
+    for load in ("idle", "one core busy"):
+        # the competitor: a pure-Python spin loop, i.e. any other single-threaded job on the machine
+        rival = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load != "idle" else None
+        try:
+            for policy in ("ACTIVE", "PASSIVE"):
+                r = child_throughput(plan, batch, env={"OMP_WAIT_POLICY": policy})
+                rows.append({"setting": f"OMP_WAIT_POLICY={policy}, {default} threads, {load}", **r})
+        finally:
+            if rival is not None:
+                rival.kill()
+                rival.wait()
     return rows
 
 
-# ----------------------------------------------------------------------------------- table estimates
+# ------------------------------------------------------------------------------------------------- table estimates
 # committed reduced results: the fp32 ones every table renders from, and the CPU bf16-matmul runs that check the
 # precision (README, Speed); a table's measured time is taken from those run in the trainer's current precision
 MEASURED_ROOTS = ("results", "results/cpu-bf16")
@@ -605,7 +287,7 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
     the reference model's shape takes the measured images/s at the nearest measured batch, scaled by the
     FLOPs/image ratio (framework, predictor, pooling change the FLOPs a little); a row with another shape (ViT-S/L/H,
     /4 patches, ViT-BN) is timed directly for ``shape_steps`` steps (0: FLOP-scaled like the others)."""
-    from .spec import all_specs
+    from ..spec import all_specs
 
     flops_cache: dict[tuple, dict] = {}
     timed: dict[tuple, float] = {}
@@ -627,7 +309,7 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
             if key not in timed:
                 log(f"  timing {cfg.embed_dim}x{cfg.depth} /{cfg.patch_size} {cfg.setting.norm_mlp} "
                     f"at batch {cfg.batch_size}")
-                timed[key] = suite_throughput(cfg, device, BenchPlan(warmup=1, steps=shape_steps))["images_per_s"]
+                timed[key] = suite_throughput(cfg, device, 1, shape_steps)["images_per_s"]
             return timed[key], "timed"
         near = min(measured, key=lambda b: abs(math.log(b / cfg.batch_size)))
         return measured[near] * flops(reduced_config(near))["train"] / flops(cfg)["train"], "scaled"
@@ -656,13 +338,13 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
         fp32_where = ("fp32 run on a CPU not recorded in the results" if "unrecorded" in fp32_cpus else
                       "fp32 run on another CPU" if fp32_cpus - {this_cpu} else "")
         note = "; ".join(filter(None, [note, where, fp32_where]))
-        out.append({"table": spec.key, "title": spec.title, "rows": len(spec.rows), "iterations": iters,
+        out.append({"table": spec.name, "title": spec.title, "rows": len(spec.rows), "iterations": iters,
                     "hours": total_s / 3600, "measured_min": measured_min, "measured_fp32_min": fp32_min,
                     "measured_here": measured_min is not None and cpus == {this_cpu}, "notes": note})
     return out
 
 
-# ------------------------------------------------------------------------------------------- the report
+# ------------------------------------------------------------------------------------------------------ the report
 def run_bench(plan: BenchPlan, device: torch.device, log=print) -> dict:
     t_start = time.perf_counter()
     res: dict = {"plan": asdict(plan), "device": describe_device(device), "device_type": device.type, "section_s": {},
@@ -683,7 +365,7 @@ def run_bench(plan: BenchPlan, device: torch.device, log=print) -> dict:
     step_peak = res.get("peak_bf16", res["peak"])["flops_per_s"]
     ref_batch = max(plan.batch_sizes)
     res["reduced"] = section("reduced throughput", lambda: [
-        suite_throughput(reduced_config(b), device, plan) for b in plan.batch_sizes])
+        suite_throughput(reduced_config(b), device, plan.warmup, plan.steps) for b in plan.batch_sizes])
     ref = next(r for r in res["reduced"] if r["batch"] == ref_batch)
     res["reduced_flops_per_image"] = count_step_flops(reduced_config(ref_batch))["train"]
     res["reduced_achieved_flops"] = res["reduced_flops_per_image"] * ref["images_per_s"]
@@ -691,8 +373,7 @@ def run_bench(plan: BenchPlan, device: torch.device, log=print) -> dict:
 
     if plan.vitb:
         cfg = paper_config(plan.vitb_batch)
-        res["vitb"] = section("ViT-B/16 throughput", lambda: suite_throughput(
-            cfg, device, BenchPlan(warmup=1, steps=plan.vitb_steps)))
+        res["vitb"] = section("ViT-B/16 throughput", lambda: suite_throughput(cfg, device, 1, plan.vitb_steps))
         res["vitb"]["flops_per_image"] = count_step_flops(cfg)["train"]
         res["vitb"]["achieved_flops"] = res["vitb"]["flops_per_image"] * res["vitb"]["images_per_s"]
         res["vitb"]["fraction_of_peak"] = res["vitb"]["achieved_flops"] / step_peak
@@ -735,7 +416,7 @@ def targets(res: dict, plan: BenchPlan) -> list[dict]:
     h2h = res["head_to_head"]
     limit_s = 30 if plan == BenchPlan.quick() else 600
     # a table's time on this machine: measured where committed results ran on this CPU model, else estimated here
-    # (a time measured on another CPU says nothing about this one: the VMs here differ 3x in matmul peak)
+    # (a time measured on another CPU says nothing about this one: the VMs here differ severalfold in matmul peak)
     here = {t["table"]: bool(t.get("measured_here")) for t in res["tables"]}
     minutes = {t["table"]: t["measured_min"] if here[t["table"]] else 60 * t["hours"] for t in res["tables"]}
     longest = max(minutes, key=minutes.get)
@@ -758,10 +439,6 @@ def targets(res: dict, plan: BenchPlan) -> list[dict]:
          "pass": minutes[longest] < 30},
         {"target": f"whole bench < {limit_s} s", "value": f"{res['bench_s']:.0f} s", "pass": res["bench_s"] < limit_s},
     ]
-
-
-def _g(x: float) -> str:
-    return f"{x / 1e12:.1f} T" if x >= 1e12 else f"{x / 1e9:.1f} G" if x >= 1e9 else f"{x / 1e6:.1f} M"
 
 
 def render(res: dict) -> str:
@@ -793,18 +470,18 @@ def render(res: dict) -> str:
     md += [tabulate(rows, ["model", "batch", "s/step", "images/s", "warm-up s"], tablefmt="pipe"), ""]
 
     step_peak = res.get("peak_bf16", res["peak"])
-    bf16_peak = (f"; {step_peak['what']} = **{_g(step_peak['flops_per_s'])}FLOP/s**, the peak the steps above "
+    bf16_peak = (f"; {step_peak['what']} = **{flops_str(step_peak['flops_per_s'])}FLOP/s**, the peak the steps above "
                  "(bf16 products) are measured against" if "peak_bf16" in res else "")
     md += ["## 2. FLOPs and peak", "",
-           (f"Peak: {res['peak']['what']} = **{_g(peak)}FLOP/s**{bf16_peak}. FLOPs from `torch.utils.flop_counter."
+           (f"Peak: {res['peak']['what']} = **{flops_str(peak)}FLOP/s**{bf16_peak}. FLOPs from `torch.utils.flop_counter."
            "FlopCounterMode` on one training step (matmuls, convs and attention; elementwise ops are not FLOPs "
            "here), divided by the batch."), ""]
     ref = max(res["reduced"], key=lambda r: r["batch"])
-    rows = [["reduced", ref["batch"], _g(res["reduced_flops_per_image"]), _g(res["reduced_achieved_flops"]) + "FLOP/s",
-             f"{100 * res['reduced_fraction_of_peak']:.0f}%"]]
+    rows = [["reduced", ref["batch"], flops_str(res["reduced_flops_per_image"]),
+             flops_str(res["reduced_achieved_flops"]) + "FLOP/s", f"{100 * res['reduced_fraction_of_peak']:.0f}%"]]
     if "vitb" in res:
         v = res["vitb"]
-        rows.append(["ViT-B/16", v["batch"], _g(v["flops_per_image"]), _g(v["achieved_flops"]) + "FLOP/s",
+        rows.append(["ViT-B/16", v["batch"], flops_str(v["flops_per_image"]), flops_str(v["achieved_flops"]) + "FLOP/s",
                      f"{100 * v['fraction_of_peak']:.0f}%"])
     md += [tabulate(rows, ["model", "batch", "FLOPs/image/step", "achieved", "of peak"], tablefmt="pipe"), ""]
 
@@ -834,15 +511,15 @@ def render(res: dict) -> str:
            "runs in a fresh process of its own (default allocator and settings), driven step by step over a pipe."),
            "",
            (f"The machine's speed drifts (a shared VM: in this run the fp32 matmul peak probe ranged "
-           f"{_g(min(b['peak_flops_per_s'][fp32] for b in h2h['blocks']))}FLOP/s to "
-           f"{_g(max(b['peak_flops_per_s'][fp32] for b in h2h['blocks']))}FLOP/s), so "
+           f"{flops_str(min(b['peak_flops_per_s'][fp32] for b in h2h['blocks']))}FLOP/s to "
+           f"{flops_str(max(b['peak_flops_per_s'][fp32] for b in h2h['blocks']))}FLOP/s), so "
            f"{len(h2h['blocks'])} blocks each run a peak probe (best of 3) per precision, "
            f"{res['plan']['block_steps']} suite steps per precision and {res['plan']['block_steps']} steps of each plain "
            "configuration back to back, after an idle second (with DataLoader workers, the plain reference first "
            "runs 2 untimed steps per worker: batches prefetched while idle would be free). The ratio and the "
            "fraction of peak are per block, and the medians are reported."), ""]
     workers = sorted(h2h["blocks"][0]["plain_s"], key=int)
-    rows = [[i + 1, *[_g(b["peak_flops_per_s"][p]) + "FLOP/s" for p in precisions],
+    rows = [[i + 1, *[flops_str(b["peak_flops_per_s"][p]) + "FLOP/s" for p in precisions],
              *[f"{b['suite_s'][p]:.3f}" for p in precisions],
              *[f"{b['plain_s'][w]:.3f}" for w in workers],
              *[f"{b['speedup'][p]:.2f}x" for p in precisions],
@@ -860,15 +537,15 @@ def render(res: dict) -> str:
            "", "Suite / best plain configuration, and the fraction of the peak probed in the same block (medians): "
            + "; ".join(f"{p} matmuls **{h2h['suite'][p]['speedup']:.2f}x**, "
                        f"**{100 * h2h['suite'][p]['fraction_of_peak']:.0f}%** of the {p} peak (median probe "
-                       f"{_g(h2h['suite'][p]['peak_flops_per_s'])}FLOP/s)" for p in precisions) + "."
+                       f"{flops_str(h2h['suite'][p]['peak_flops_per_s'])}FLOP/s)" for p in precisions) + "."
            + (f" The bf16 step's FLOP/s are {100 * h2h['bf16_of_fp32_peak']:.0f}% of the fp32 peak; the target counts "
               "them against the bf16 peak, the unit that computes them." if "bf16_of_fp32_peak" in h2h else ""), ""]
 
     md += ["## 6. torch.compile, threads and precision", "",
            (f"timm fused attention (`F.scaled_dot_product_attention`, `timm.layers.use_fused_attn()`): "
            f"{'on' if res['fused_attn'] else 'off'}"
-           + (" for fp32; with bf16 matmuls the trainer runs it unfused (PyTorch's CPU flash-attention kernel is ~20x "
-              "slower in that mode)." if res.get("precision") == "bf16" else ".")
+           + (" for fp32; with bf16 matmuls the trainer runs it unfused (PyTorch's CPU flash-attention kernel is much "
+              "slower in that mode, replicate/precision.py)." if res.get("precision") == "bf16" else ".")
            + " The rows below run in the trainer's precision."), ""]
     if "threads" in res:
         md += [tabulate([[r["setting"], r.get("batch", "-"), f"{r['step_s']:.3f}" if "step_s" in r else r["status"],
@@ -889,7 +566,7 @@ def render(res: dict) -> str:
         md += [f"torch.compile: {c['status']}.", ""]
     b = res.get("bf16")
     if b is not None:
-        md += [(f"bf16 (this CPU has native bf16): the bf16 2048² matmul reaches {_g(b['bf16_peak']['flops_per_s'])}"
+        md += [(f"bf16 (this CPU has native bf16): the bf16 2048² matmul reaches {flops_str(b['bf16_peak']['flops_per_s'])}"
                 f"FLOP/s ({b['bf16_peak']['flops_per_s'] / res['peak']['flops_per_s']:.1f}x the fp32 peak), but the "
                 f"reduced step under bf16 autocast takes {b['bf16_step_s']:.3f} s vs {b['fp32_step_s']:.3f} s in "
                 f"fp32 at batch {b['batch']} (**{b['speedup']:.2f}x**, interleaved): at these small shapes the casts "
@@ -923,34 +600,3 @@ def render(res: dict) -> str:
                     tablefmt="pipe"), "",
            f"All tables: **{sum(t['hours'] for t in res['tables']):.1f} h** (estimated) on this machine.", ""]
     return "\n".join(md)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 epilog="With a CUDA GPU present the GPU bench (replicate/bench_gpu.py) runs instead "
-                                        "and writes results/bench/gpu.md.")
-    ap.add_argument("--out", default=None,
-                    help="markdown report (raw numbers: .json beside it); default results/bench/README.md on CPU, "
-                         "results/bench/gpu.md on GPU")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, for tests (< 30 s)")
-    args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    if device.type == "cuda":
-        from .bench_gpu import GpuPlan, render_gpu, run_gpu_bench
-
-        res = run_gpu_bench(GpuPlan.quick() if args.quick else GpuPlan(), device, log)
-        text, out = render_gpu(res), Path(args.out or "results/bench/gpu.md")
-    else:
-        plan = BenchPlan.quick() if args.quick else BenchPlan()
-        res = run_bench(plan, device, log)
-        text, out = render(res), Path(args.out or "results/bench/README.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}", file=sys.stderr)
-    return res
-
-
-if __name__ == "__main__":
-    main()

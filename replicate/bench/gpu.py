@@ -1,17 +1,17 @@
-"""GPU bench: model FLOP utilisation (MFU) of the paper's ViT-B/16 MoCo v3 step at 224², and what feeds it.
+"""The GPU bench: model FLOP utilisation (MFU) of the paper's ViT-B/16 MoCo v3 step at 224², and what feeds it.
 
 ``python -m replicate.bench`` runs this instead of the CPU bench when a CUDA GPU is present and writes
 ``results/bench/gpu.md`` (raw numbers in ``gpu.json``). On one GPU it measures:
 1. the bf16 matmul peak (8192², random data) beside the datasheet's dense bf16 rate;
-2. the suite's training step (``SuiteStep``: batched GPU augmentation, bf16 autocast, fused AdamW, foreach
-   momentum update) of ViT-B/16 at a few batches per GPU, eager and with ``torch.compile``-d backbones: images/s,
-   FLOPs counted by ``torch.utils.flop_counter`` and MFU against both peaks, peak memory;
+2. the suite's training step (``SuiteStep``: batched GPU augmentation, then the trainer's own ``train_step``: bf16
+   autocast, fused AdamW, foreach momentum update) of ViT-B/16 at a few batches per GPU, eager and with
+   ``torch.compile``-d backbones: images/s, FLOPs counted by ``torch.utils.flop_counter`` and MFU against both peaks,
+   peak memory;
 3. where a step's time goes: the batched augmentation alone, the model step alone;
 4. the paper path's data: the official per-image PIL pipeline (``two_view_pil_transforms``) and the suite's
    (``two_view_pil_crops`` in the workers, the photometric part batched on the GPU) in DataLoaders, against what the
-   GPU step consumes; and the plain Algorithm-1 reference (official PIL pipeline, eager timm ViT, python-loop
-   momentum update, bf16 autocast) interleaved with the suite as the trainer runs at paper scale (crops loader, GPU
-   photometric, compiled backbones).
+   GPU step consumes; and the plain Algorithm-1 reference (replicate/bench/plain.py, with bf16 autocast) interleaved
+   with the suite as the trainer runs at paper scale (crops loader, GPU photometric, compiled backbones).
 """
 from __future__ import annotations
 
@@ -26,22 +26,10 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from .augment import two_view_pil_crops
-from .bench import (
-    PlainStep,
-    PlainTwoViewDataset,
-    SuiteStep,
-    _g,
-    count_step_flops,
-    endless,
-    interleaved_ratio,
-    matmul_peak,
-    paper_config,
-    plain_images,
-    reduced_config,
-    sync,
-    time_steps,
-)
+from ..augment import two_view_pil_crops
+from .measure import count_step_flops, flops_str, interleaved_ratio, matmul_peak, sync, time_steps
+from .plain import PlainStep, PlainTwoViewDataset, endless, plain_images
+from .suite import SuiteStep, paper_config, reduced_config
 
 # dense bf16 tensor-core rate by NVIDIA's datasheets (no sparsity); a lead beside the measured peak, matched in order
 DATASHEET_BF16 = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
@@ -163,7 +151,7 @@ def folder_throughput(plan: GpuPlan, batch: int, workers: int, device: torch.dev
     """The trainer's own ``FolderBatches`` on a synthetic JPEG ImageFolder: decoding and crops in ``workers``
     processes, the photometric ops batched on the device, with the GPU otherwise idle: images/s it can deliver,
     from the loader's start over at least 4 batches per worker (as ``loader_throughput``)."""
-    from .trainer import FolderBatches
+    from ..trainer import FolderBatches
 
     cfg = plan.config(batch).model_copy(update={"num_workers": workers})
     n_batches = max(4, 4 * workers)
@@ -263,7 +251,7 @@ def run_gpu_bench(plan: GpuPlan, device: torch.device, log=print) -> dict:
     if res["datasheet_peak"]:
         mfu_ds = best["achieved_flops"] / res["datasheet_peak"]
         res["targets"].append({"target": f"the same against the datasheet's dense bf16 rate "
-                                         f"({_g(res['datasheet_peak'])}FLOP/s)",
+                                         f"({flops_str(res['datasheet_peak'])}FLOP/s)",
                                "value": f"{100 * mfu_ds:.1f}%", "pass": mfu_ds >= MFU_TARGET})
     res["bench_s"] = time.perf_counter() - t_start
     return res
@@ -283,13 +271,13 @@ def render_gpu(res: dict) -> str:
           tabulate([[t["target"], t["value"], "PASS" if t["pass"] else "FAIL"] for t in res["targets"]],
                    ["target", "measured", ""], tablefmt="pipe"), "",
           "## 1. Peak", "",
-          (f"Measured: {res['peak']['what']} = **{_g(peak)}FLOP/s**. Datasheet dense bf16: "
-           + (f"{_g(ds)}FLOP/s." if ds else "n/a for this GPU.")), "",
+          (f"Measured: {res['peak']['what']} = **{flops_str(peak)}FLOP/s**. Datasheet dense bf16: "
+           + (f"{flops_str(ds)}FLOP/s." if ds else "n/a for this GPU.")), "",
           "## 2. ViT-B/16 MoCo v3 training step", "",
           ("`SuiteStep`: both views from `TwoViewBatchAugment` on the GPU, query fwd+bwd under bf16 autocast, "
            "`torch._foreach_lerp_` momentum update and key fwd, fused AdamW; the paper's heads (4096-wide MLPs, "
-           f"BN). FLOPs per image per step (`FlopCounterMode`): {_g(flops['train'])}FLOP (one backbone forward: "
-           f"{_g(flops['forward'])}FLOP). MFU = FLOPs/image x images/s / peak."), ""]
+           f"BN). FLOPs per image per step (`FlopCounterMode`): {flops_str(flops['train'])}FLOP (one backbone forward: "
+           f"{flops_str(flops['forward'])}FLOP). MFU = FLOPs/image x images/s / peak."), ""]
     rows = []
     for r in res["steps"]:
         mode = "torch.compile (backbones, jitter)" if r["compiled"] else "eager"
@@ -297,7 +285,7 @@ def render_gpu(res: dict) -> str:
             rows.append([mode, r["batch"], r["status"], "-", "-", "-", "-", "-"])
             continue
         rows.append([mode, r["batch"], f"{1000 * r['step_s']:.1f}", f"{r['images_per_s']:.0f}",
-                     _g(r["achieved_flops"]) + "FLOP/s", f"{100 * r['mfu']:.1f}%",
+                     flops_str(r["achieved_flops"]) + "FLOP/s", f"{100 * r['mfu']:.1f}%",
                      f"{100 * r['achieved_flops'] / ds:.1f}%" if ds else "n/a",
                      "-" if r["memory_gb"] is None else f"{r['memory_gb']:.1f}"])
     md += [tabulate(rows, ["mode", "batch/GPU", "ms/step", "images/s", "achieved", "MFU (measured peak)",
