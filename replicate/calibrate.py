@@ -80,10 +80,13 @@ def estimate(name: str, steps: int = 3) -> dict:
     import torch
 
     from .bench.suite import suite_throughput
+    from .model import build_vit
+    from .monitor import HeldOutKnn
     from .spec import all_specs
 
     profile, device = candidate(name), torch.device("cpu")
     speed: dict[tuple, float] = {}
+    monitor_s: dict[tuple, float] = {}
     seen: set[str] = set()
     tables = {}
     for spec in all_specs():
@@ -100,8 +103,13 @@ def estimate(name: str, steps: int = 3) -> dict:
             shape = (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.setting.norm_mlp, cfg.batch_size)
             if shape not in speed:
                 speed[shape] = suite_throughput(cfg, device, 1, steps)["step_s"]
+                held_out, backbone = HeldOutKnn.for_run(cfg, None, device), build_vit(cfg)
+                held_out(backbone)
+                t0 = time.perf_counter()
+                held_out(backbone)
+                monitor_s[shape] = time.perf_counter() - t0
             iters = cfg.epochs * (profile.train_subset // cfg.batch_size)
-            monitor = iters // cfg.monitor_every * speed[shape] * 0.6  # a held-out pass ~ 0.6 step (measured)
+            monitor = iters // cfg.monitor_every * monitor_s[shape]
             seconds += iters * speed[shape] + monitor + 20  # + features, kNN and the cached linear probe
         tables[spec.name] = round(seconds / 60, 1)
     return {"candidate": name, "table_minutes": tables, "total_hours": round(sum(tables.values()) / 60, 2)}

@@ -206,7 +206,9 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     if D.is_dist():
         model = D.convert_sync_batchnorm(model, device)
     optimizer = build_optimizer(cfg, model)
-    held_out = HeldOutKnn.for_run(cfg, data_root, device) if cfg.monitor_probe else None
+    # the held-out monitor needs in-memory images; ImageFolder data keeps App. A's queue monitor
+    held_out = (HeldOutKnn.for_run(cfg, data_root, device)
+                if cfg.monitor_probe and is_tensor_dataset(cfg.dataset) else None)
     monitor = TrainingMonitor(cfg, model, ipe * cfg.batch_size, lrs, ms, held_out)
     start, t_offset = 0, 0.0
     state = restore_checkpoint(ckpt_path, cfg)

@@ -44,8 +44,10 @@ def test_missing_dataset_offline_names_the_remedies(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr("torchvision.datasets.FashionMNIST.__init__", offline)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError) as e:
         load_fashion_mnist(str(tmp_path / "empty"), "train")
+    assert list((tmp_path / "empty").iterdir()) == []  # a failed download leaves nothing behind
     msg = str(e.value)
     assert "apt-get install dataset-fashion-mnist" in msg and "--data-root" in msg and "\n" not in msg
 

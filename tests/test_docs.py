@@ -69,4 +69,4 @@ def test_verdict_summary_counts_the_rendered_verdicts(tmp_path):
     row8 = next(ln for ln in lines if ln.startswith("| table8 |"))
     assert row8 == "| table8 | Prediction head | 1 | 1 | 0 | 0 | 0 | 3 | 0 |"  # w/o pred: -2.5 vs paper -1.0
     row5 = next(ln for ln in lines if ln.startswith("| table5 |"))
-    assert row5.endswith("| 2 | 0 | 0 | 0 | 2 | — |")  # not run: no verdict, no seeds
+    assert row5.endswith("| 2 | 0 | 0 | 0 | 2 | — | 0 |")  # not run: no verdict, no seeds

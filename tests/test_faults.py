@@ -126,7 +126,7 @@ def test_concurrent_runs_of_one_table_train_each_row_once(tmp_path):
     for row in ("a", "b"):
         assert log.count(f"] {row} seed 0: running") == 1, log  # trained by exactly one of the two processes
         assert log.count(f"] {row} seed 0: done already") == 1, log  # and skipped by the other
-        record = json.loads((results / "smoke" / "table92" / row / "seed0.json").read_text())
+        record = json.loads((results / "smoke" / "shared" / row / "seed0.json").read_text())
         assert record["status"] == "ok" and record["row"] == row
     assert not list(results.rglob("*.tmp"))  # no half-written files left behind
 
@@ -162,7 +162,7 @@ def bad_input_cases(tmp: Path, results: Path) -> dict[str, tuple[list[str], str]
         "wrong_type": (["run", str(paths["wrong_type"]), "--profile", "smoke", *res], "batch_size"),
         "missing_field": (["run", str(missing), "--profile", "smoke", *res], "reference: required key is missing"),
         "unknown_table": (["run", "table99", "--profile", "smoke", *res], "no study 'table99'"),
-        "unknown_profile": (["run", "table5", "--profile", "huge", *res], "argument --profile: invalid choice"),
+        "unknown_profile": (["run", "table5", "--profile", "huge", *res], "unknown profile 'huge'"),
         "missing_dataset": (["run", "table5", "--profile", "reduced", "--data-root", str(empty), *res],
                             "Fashion-MNIST not found"),
         "malformed_data": (["run", "table5", "--profile", "reduced", "--data-root", str(garbage), *res],
@@ -207,10 +207,8 @@ def test_bad_input_is_one_error_line_and_exit_2(name, bad_input_runs):
     assert code == 2, err
     assert "Traceback" not in err and out == ""
     lines = err.strip().splitlines()
-    if name == "unknown_profile":  # argparse: usage, then its one error line
-        assert lines[-1].startswith("python -m replicate run: error:")
-    else:  # one error line, last; before it at most the runner's progress lines ("[reduced] computing ...")
-        assert lines[-1].startswith("error: ") and all(line.startswith("[") for line in lines[:-1]), err
+    # one error line, last; before it at most the runner's progress lines ("[reduced] computing ...")
+    assert lines[-1].startswith("error: ") and all(line.startswith("[") for line in lines[:-1]), err
     assert cases[name][1] in lines[-1]
 
 
