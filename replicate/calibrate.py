@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .profiles import REDUCED, Profile
+from .profiles import Profile
 
 RUNS_ROOT = Path(__file__).resolve().parent.parent / "docs" / "reduced-scale" / "runs"
 
@@ -24,8 +24,19 @@ RUNS_ROOT = Path(__file__).resolve().parent.parent / "docs" / "reduced-scale" / 
 W128 = {"vit_small": (96, 4, 4), "vit_base": (128, 4, 4), "vit_large": (160, 6, 5), "vit_huge": (192, 8, 6)}
 W96 = {"vit_small": (72, 4, 3), "vit_base": (96, 4, 4), "vit_large": (120, 6, 5), "vit_huge": (144, 8, 6)}
 
+# The reduced profile the search started from (the committed results until 2026-12), written out so that every
+# candidate below stays what it was when it ran, whatever `reduced` becomes.
+PREVIOUS_REDUCED = Profile(
+    name="reduced", dataset="fashion_mnist", image_size=28, in_chans=1, num_classes=10, train_subset=10_000,
+    archs=W128, patch_map={16: 7, 14: 7, 7: 4}, head_hidden=512, head_out=128,
+    batch_scale=1 / 16, lr_scale=10.0, epoch_scale=7 / 300, crop_min=0.35, blur_sigma=(0.1, 0.6),
+    metrics=("knn", "linear"), linear_protocol="cached", linear_epochs=30, linear_batch=256,
+    linear_base_lr=0.5, monitor_every=20, checkpoint_every=200,
+    transfer_targets=("digits", "fmnist_disjoint"),
+)
+
 # The dense held-out monitor every candidate uses (stage 0 of docs/reduced-scale.md).
-MONITORED = replace(REDUCED, monitor_probe=1000, monitor_bank=2000, monitor_every=10)
+MONITORED = replace(PREVIOUS_REDUCED, monitor_probe=1000, monitor_bank=2000, monitor_every=10)
 
 
 def _variant(name: str, **overrides) -> Profile:
@@ -135,6 +146,33 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def figure(row: str, out: Path) -> Path:
+    """The held-out kNN monitor of every calibration run of ``row`` ('05_position_embedding:sincos'), against
+    training images seen (so runs of different batch sizes line up), one curve per candidate and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, _, name = row.partition(":")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for f in sorted(RUNS_ROOT.glob(f"cal-*/{table}/{name}/seed*.json")):
+        rec = json.loads(f.read_text())
+        curves, batch = rec["curves"], rec["config"]["batch_size"]
+        label = f"{rec['profile'].removeprefix('cal-')} s{rec['seed']} (linear {rec['metrics'].get('linear', 0):.1f})"
+        ax.plot([(s + 1) * batch / 1000 for s in curves["knn_steps"]], curves["knn_acc"], label=label, lw=1.2)
+    ax.set_xlabel("training images seen (thousands)")
+    ax.set_ylabel("held-out kNN accuracy (%)")
+    ax.set_title(f"{row}: dense held-out kNN monitor per candidate", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replicate.calibrate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -147,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("estimate", help="time the whole suite (one seed) under candidates")
     e.add_argument("names", nargs="+")
     sub.add_parser("report", help="print every calibration run so far")
+    f = sub.add_parser("figure", help="plot the kNN monitor of every run of one row")
+    f.add_argument("row", help="spec key and row, e.g. 05_position_embedding:sincos")
+    f.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.command == "run":
         run(args.names, args.row or ["table5:sincos"], args.seeds, args.data_root)
@@ -158,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(out))
             (RUNS_ROOT / f"estimate-{name}.json").parent.mkdir(parents=True, exist_ok=True)
             (RUNS_ROOT / f"estimate-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    elif args.command == "figure":
+        print(figure(args.row, args.out))
     else:
         print(report())
     return 0

@@ -60,6 +60,12 @@ def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress:
     return {"linear": acc}
 
 
+def baseline_key(cfg: RunConfig) -> dict:
+    """What the baselines depend on: the evaluation split and the random backbone's shape."""
+    return {k: getattr(cfg, k) for k in ("dataset", "image_size", "train_subset", "embed_dim", "depth", "num_heads",
+                                         "patch_size", "knn_k", "knn_t", "linear_epochs")}
+
+
 def compute_baselines(profile: Profile, spec: Spec, data_root: str | None) -> dict:
     """kNN/linear on raw pixels and on a randomly initialised backbone (the reference row's), same splits."""
     from evals.features import extract_features, pixel_features
@@ -76,6 +82,7 @@ def compute_baselines(profile: Profile, spec: Spec, data_root: str | None) -> di
         "random_backbone": score_features(cfg, *extract_features(rand, train, cfg.dataset),
                                           *extract_features(rand, test, cfg.dataset)),
         "random_backbone_arch": f"{cfg.embed_dim}w x {cfg.depth} blocks, patch {cfg.patch_size}",
+        "depends_on": baseline_key(cfg),
     }
 
 
@@ -126,7 +133,10 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bo
         store.check_writable()
         check_inputs(spec, profile, data_root)
         store.claim(spec.key, spec.source)
-    if spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and store.load_baselines() is None and D.is_main():
+    baselines = store.load_baselines() if D.is_main() else None
+    now = baseline_key(profile.resolve(spec.setting(spec.row(spec.reference))))
+    if (spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and D.is_main()
+            and (baselines is None or baselines.get("depends_on") != now)):
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
         store.save_baselines(compute_baselines(profile, spec, data_root))
     jobs = [(row, seed) for row in spec.rows for seed in range(seeds)]

@@ -146,3 +146,13 @@ def test_a_record_older_than_a_config_field_counts_it_at_its_default():
     assert config_changes(old, now) == [f"monitor_bank: 0 -> {now['monitor_bank']}",
                                         f"monitor_probe: 0 -> {now['monitor_probe']}"]
     assert config_changes(now, {**now, "checkpoint_every": 7}) == []  # when a run saves is not what it computes
+
+
+def test_the_reduced_profile_is_the_calibrated_candidate():
+    """docs/reduced-scale.md chose candidate w96-b32-e10 at lr scale 20; `reduced` must be exactly that."""
+    from dataclasses import replace
+
+    from replicate.calibrate import candidate
+    from replicate.profiles import REDUCED
+
+    assert replace(candidate("w96-b32-e10-lr20"), name="reduced", notes=REDUCED.notes) == REDUCED

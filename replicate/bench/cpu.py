@@ -248,9 +248,10 @@ def threads_throughput(plan: BenchPlan, device: torch.device, batch: int) -> lis
         # the competitor: a pure-Python spin loop, i.e. any other single-threaded job on the machine
         rival = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load != "idle" else None
         try:
-            for policy in ("ACTIVE", "PASSIVE"):
+            for policy in ("", "ACTIVE", "PASSIVE"):  # "": libgomp's default (spin a while, then sleep)
                 r = child_throughput(plan, batch, env={"OMP_WAIT_POLICY": policy})
-                rows.append({"setting": f"OMP_WAIT_POLICY={policy}, {default} threads, {load}", **r})
+                shown = policy or "unset (libgomp default)"
+                rows.append({"setting": f"OMP_WAIT_POLICY={shown}, {default} threads, {load}", **r})
         finally:
             if rival is not None:
                 rival.kill()
