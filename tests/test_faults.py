@@ -4,6 +4,8 @@ Divergence stops only the row it happens in; corrupt or foreign checkpoints are 
 processes running one table share the work through the per-row lock; and every kind of bad input ends in a
 single ``error: ...`` line, exit code 2, no traceback, and the result files already there untouched.
 """
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -135,10 +137,6 @@ def test_concurrent_runs_of_one_table_train_each_row_once(tmp_path):
 
 GOOD_ROWS = "  - {name: a, label: a}\n"
 # The CLI with Debian's Fashion-MNIST hidden, so a missing dataset is missing even on a machine that has it.
-HIDE_DEBIAN = ("import sys, replicate.data as d; from pathlib import Path; d.DEBIAN_FASHION_MNIST = Path('/nonexistent'); "
-               "from replicate.__main__ import main; sys.exit(main(sys.argv[1:]))")
-
-
 def bad_input_cases(tmp: Path, results: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (CLI arguments after `python -m replicate`, text the one error line must contain)."""
     specs = {
@@ -178,6 +176,10 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory):
+    """Every bad-input case through the CLI's ``main``, in this process (a subprocess would add only start-up time),
+    with Debian's Fashion-MNIST hidden and torchvision's download failing at once as offline."""
+    from replicate.__main__ import main
+
     tmp = tmp_path_factory.mktemp("bad_input")
     results = tmp / "results"
     for profile in ("smoke", "reduced"):  # results a user already has, which no failed run may touch
@@ -186,16 +188,20 @@ def bad_input_runs(tmp_path_factory):
         old.write_text(json.dumps({"status": "ok", "metrics": {"knn": 50.0}}))
     (results / "smoke" / "baselines.json").write_text("{}")
     before = snapshot(results)
-    # no network, instantly: any download attempt meets a closed local port instead of waiting on a timeout
-    env = {**os.environ, "PYTHONPATH": str(REPO), "http_proxy": "http://127.0.0.1:9",
-           "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     cases = bad_input_cases(tmp, results)
-    procs = {}
-    for name, (args, _) in cases.items():  # all at once: each is mostly interpreter start-up
-        cmd = [sys.executable, "-c", HIDE_DEBIAN, *args]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
-    runs = {name: (p.wait(timeout=120), *p.communicate()) for name, p in procs.items()}
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("replicate.data.DEBIAN_FASHION_MNIST", Path("/nonexistent"))
+        mp.setattr("torchvision.datasets.FashionMNIST.__init__", offline)
+        for name, (args, _) in cases.items():
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(args)
+            runs[name] = (code, out.getvalue(), err.getvalue())
     return cases, runs, before, snapshot(results)
 
 

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from replicate.profiles import SMOKE
 from replicate.render import render_table
 from replicate.runner import run_table
 from replicate.spec import all_specs
@@ -26,8 +27,14 @@ def test_table_runs_at_smoke_and_renders(spec, results_root):
         assert record["provenance"]["packages"]["torch"] and record["provenance"]["cpu"]
         if record["status"] == "ok":
             assert record["metrics"] and all(0.0 <= v <= 100.0 for v in record["metrics"].values())
+        if spec.kind == "transfer" and spec.setting(row).init == "pretrained":  # above chance: 20% (5 classes)
+            assert list(record["metrics"]) == list(SMOKE.transfer_targets)
+            assert all(v > 20.0 for v in record["metrics"].values()), record["metrics"]
+    assert not list((store.profile_dir / "ckpt" / spec.key).rglob("*.pt"))  # checkpoints cleaned up
     text = render_table(spec, store, write=True)
     assert (store.profile_dir / f"{spec.key}.md").exists()
+    if spec.kind == "transfer":
+        assert "ours digits_disjoint" in text
     for row in spec.rows:
         assert row.label in text
 

@@ -1,6 +1,4 @@
 """Fine-tuning and transfer (study 11): recipes match the paper, fine-tuning learns, the row runs end to end."""
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -19,7 +17,7 @@ from evals.finetune import (
     train_classifier,
 )
 from evals.loaders import EpochLoader, imagenet_linear_loaders, transfer_datasets
-from evals.transfer import HELD_OUT_CLASSES, load_target, pretraining_config, run_transfer_row
+from evals.transfer import HELD_OUT_CLASSES, load_target, pretraining_config
 from replicate.data import DataError, TensorSplit, channel_stats
 from replicate.profiles import PAPER, SMOKE
 from replicate.spec import find_spec, load_spec
@@ -143,20 +141,5 @@ def test_imagenet_linear_loaders_shapes(tmp_path):
         imagenet_linear_loaders(cfg, str(tmp_path / "nowhere"))
 
 
-@pytest.mark.smoke
-def test_transfer_row_end_to_end_at_smoke():
-    cfg = smoke_cfg("mocov3")
-    out = run_transfer_row(cfg, SMOKE, None, None, progress=False)
-    assert list(out) == list(SMOKE.transfer_targets)
-    assert all(20.0 < v <= 100.0 for v in out.values())  # chance: 20% (5 classes) and 10%
-
-
-@pytest.mark.smoke
-def test_cli_runs_and_renders_table11(tmp_path):
-    cmd = [sys.executable, "-m", "replicate", "run", "table11", "--profile", "smoke", "--results", str(tmp_path),
-           "--quiet"]
-    proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ours digits_disjoint" in proc.stdout and "MoCo v3 self-supervised" in proc.stdout
-    assert len(list((tmp_path / "smoke").rglob("*.json"))) >= 3
-    assert not list((tmp_path / "smoke").rglob("*.pt"))  # checkpoints and cached backbones are cleaned up
+# The end-to-end smoke run of table 11 (pretrain, fine-tune on both targets, render) is the one in
+# tests/test_smoke_tables.py, shared with every other study.
