@@ -28,5 +28,5 @@ def show_table(spec: Spec, profile: str) -> str:
                      s.temperature, cfg.dataset])
     head = ["row", "framework", "backbone", "params", "pos", "pool", "patch proj", "head BN", "pred", "m",
             "optim", "batch", "lr", "wd", "epochs", "warmup", "tau", "data"]
-    title = f"{spec.key}: {spec.title} ({spec.paper_ref}) at profile '{profile}'"
+    title = f"{spec.name}: {spec.title} ({spec.paper_ref}) at profile '{profile}'"
     return title + "\n" + tabulate(rows, head, tablefmt="github")
