@@ -120,8 +120,12 @@ def test_quick_bench_writes_report(tmp_path):
 
 
 @pytest.mark.smoke  # oneDNN builds its bf16 kernels on the first step: seconds
-def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32():
+def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32(monkeypatch):
     """The bench's bf16 row must time a bf16 model (autocast on), and the default CPU step must not."""
+    import replicate.bench.cpu as cpu
+
+    real_peak = cpu.matmul_peak  # a 2048² bf16 matmul takes minutes on CPUs without bf16 units: probe a small one
+    monkeypatch.setattr(cpu, "matmul_peak", lambda device, dtype=None: real_peak(device, reps=1, dtype=dtype, n=256))
     dtypes = {}
     cfg = reduced_config(8)
     for amp in (False, True):
