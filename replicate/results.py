@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .checkpoint import NOT_FINGERPRINTED  # when a run saves, not what it computes
 from .hardware import cpu_info
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "results"
@@ -28,8 +29,6 @@ class ResultsError(RuntimeError):
     pass
 
 
-# RunConfig fields that change when a run saves, never what it computes: a change there keeps a record current.
-RUNTIME_ONLY = frozenset({"checkpoint_every"})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -63,7 +62,7 @@ def config_changes(stored: dict | None, current: dict) -> list[str]:
         a.setdefault(key, value.value if hasattr(value, "value") else value)
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in RUNTIME_ONLY or a.get(key) == b.get(key):
+        if key in NOT_FINGERPRINTED or a.get(key) == b.get(key):
             continue
         old = a.get(key, "(absent)")
         new = b.get(key, "(absent)")
