@@ -18,18 +18,22 @@ embedding that MoCo v3 pretraining keeps frozen.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from replicate import distributed as D
+from replicate.checkpoint import config_fingerprint
 from replicate.config import RunConfig
 from replicate.data import TensorSplit, channel_stats
 from replicate.model import build_vit
 from replicate.schedules import lr_schedule
 from replicate.seeding import seed_everything
+
+from .resume import fingerprint, load_state, remove_state, save_state, state_digest
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -142,8 +146,12 @@ def build_classifier(cfg: RunConfig, num_classes: int, drop_path: float, backbon
 
 
 def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, train, num_classes: int,
-                     device: torch.device, progress: bool = True, desc: str = "finetune") -> nn.Module:
-    """Train ``model`` on ``train`` (a TensorSplit or a DataLoader of (image, label)) with ``recipe``."""
+                     device: torch.device, progress: bool = True, desc: str = "finetune",
+                     ckpt_path: Path | None = None) -> nn.Module:
+    """Train ``model`` on ``train`` (a TensorSplit or a DataLoader of (image, label)) with ``recipe``.
+
+    ``ckpt_path``: model, optimizer and RNG states saved there at the end of every epoch, resumed from
+    automatically (a file for other starting weights, recipe or data is moved aside), deleted when done."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -156,7 +164,9 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
     else:
         batches, batch = train, recipe.batch
 
-        def epoch_iter(_epoch):
+        def epoch_iter(epoch):
+            if hasattr(train, "set_epoch"):  # shuffle and augmentation from the epoch index (evals/loaders.py)
+                train.set_epoch(epoch)
             return iter(train)
     ipe = len(batches)
     if ipe == 0:
@@ -165,8 +175,16 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
     lrs = recipe.min_lr + lr_schedule(peak - recipe.min_lr, recipe.epochs, recipe.warmup_epochs, ipe)
 
     model.to(device).train()
-    ddp = nn.parallel.DistributedDataParallel(model) if D.is_dist() and not isinstance(train, TensorSplit) else model
     optimizer = create_optimizer_v2(model, opt="adamw", lr=peak, weight_decay=recipe.wd)
+    tag = fingerprint(recipe=asdict(recipe), config=config_fingerprint(cfg), start=state_digest(model),
+                      num_classes=num_classes, images=len(train) if isinstance(train, TensorSplit) else len(train.dataset))
+    start, step = 0, 0
+    state = load_state(ckpt_path, tag)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, step = state["epoch"], state["step"]
+    ddp = nn.parallel.DistributedDataParallel(model) if D.is_dist() and not isinstance(train, TensorSplit) else model
     mixup = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
         mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
@@ -175,10 +193,9 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     use_amp = device.type == "cuda"
-    bar = tqdm(total=recipe.epochs * ipe, desc=desc, unit="it", leave=False, dynamic_ncols=True,
+    bar = tqdm(total=recipe.epochs * ipe, initial=step, desc=desc, unit="it", leave=False, dynamic_ncols=True,
                disable=not (progress and D.is_main()))
-    step = 0
-    for epoch in range(recipe.epochs):
+    for epoch in range(start, recipe.epochs):
         for x, y in epoch_iter(epoch):
             if step >= len(lrs):
                 break
@@ -198,7 +215,11 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
             bar.update()
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        if ckpt_path is not None and epoch + 1 < recipe.epochs:
+            save_state(ckpt_path, tag, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "epoch": epoch + 1, "step": step})
     bar.close()
+    remove_state(ckpt_path)
     return model
 
 
@@ -228,11 +249,11 @@ def top1_accuracy(model: nn.Module, test, cfg: RunConfig, device: torch.device, 
 
 def finetune(backbone_state: dict | None, cfg: RunConfig, recipe: FinetuneRecipe, train, test,
              num_classes: int | None = None, device: torch.device | None = None, progress: bool = True,
-             desc: str = "finetune") -> float:
+             desc: str = "finetune", ckpt_path: Path | None = None) -> float:
     """Fine-tune end to end from ``backbone_state`` (None = random init) and return top-1 test accuracy (%).
 
     ``train``/``test``: TensorSplits (reduced / smoke) or DataLoaders (paper; see ``evals/loaders.py``).
-    ``num_classes`` defaults to the largest label in a TensorSplit + 1.
+    ``num_classes`` defaults to the largest label in a TensorSplit + 1. ``ckpt_path``: see ``train_classifier``.
     """
     device = device or D.init_from_env()
     if num_classes is None:
@@ -241,6 +262,6 @@ def finetune(backbone_state: dict | None, cfg: RunConfig, recipe: FinetuneRecipe
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     seed_everything(cfg.seed)  # the head's init and Mixup's draws (numpy) repeat across runs
     model = build_classifier(cfg, num_classes, recipe.drop_path, backbone_state)
-    train_classifier(model, recipe, cfg, train, num_classes, device, progress, desc)
+    train_classifier(model, recipe, cfg, train, num_classes, device, progress, desc, ckpt_path)
     return top1_accuracy(model, test, cfg, device)
 

@@ -1,7 +1,7 @@
 """DataLoaders for the paper-scale evaluations: ImageNet (linear probe, fine-tuning) and the transfer datasets.
 
-Batch sizes are global, as in the paper; each process loads batch / world_size with a ``DistributedSampler``
-(or timm's ``RepeatAugSampler`` for DeiT's repeated augmentation) when running under torchrun.
+Batch sizes are global, as in the paper; under torchrun each process loads batch / world_size images of every
+global batch (``ShardSampler``, or timm's ``RepeatAugSampler`` for DeiT's repeated augmentation).
 Transfer datasets come from torchvision: read from a local root, downloaded there when online, and otherwise a
 ``DataError`` whose one-line message says how to get them.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from replicate import distributed as D
 from replicate.config import RunConfig
@@ -38,19 +38,61 @@ TRANSFER_DATASETS = {
 }
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader that calls ``sampler.set_epoch`` itself at every pass, so loops written for one process
-    (e.g. ``linear_probe_paper``) still reshuffle every epoch under a DistributedSampler."""
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 100003 + epoch) * 1009 + rank
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._passes = 0
+
+class ShardSampler(Sampler[int]):
+    """This process's share of every global batch; over all processes, each index exactly once per epoch.
+
+    The epoch's order (a permutation seeded by (seed, epoch) when shuffling, else 0..n-1) is cut into global batches
+    of ``global_batch``, and process r of W takes the r-th of W near-equal slices of each. So the global batches are
+    the same at any W, and nothing is padded or duplicated (torch's ``DistributedSampler`` pads to equal shares): the
+    last, partial global batch is split too, and with fewer images than processes some get none of it.
+    ``drop_last`` leaves the partial batch out instead."""
+
+    def __init__(self, n: int, global_batch: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 rank: int | None = None, world: int | None = None):
+        self.n, self.global_batch, self.shuffle, self.seed, self.drop_last = n, global_batch, shuffle, seed, drop_last
+        self.rank = D.rank() if rank is None else rank
+        self.world = D.world_size() if world is None else world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batch_sizes(self) -> list[int]:
+        """The size of each global batch of an epoch, over all processes."""
+        full, rest = divmod(self.n, self.global_batch)
+        return [self.global_batch] * full + ([rest] if rest and not self.drop_last else [])
 
     def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch)))
+        else:
+            order = torch.arange(self.n)
+        for start, size in zip(range(0, self.n, self.global_batch), self.batch_sizes()):
+            yield from order[start: start + size].tensor_split(self.world)[self.rank].tolist()
+
+    def __len__(self) -> int:
+        return sum(size // self.world + (self.rank < size % self.world) for size in self.batch_sizes())
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader whose epoch ``e`` depends on (seed, e, rank) alone: ``set_epoch(e)`` sets the sampler's epoch
+    (the shuffle) and reseeds the generator the workers' seeds come from (the augmentation), so a resumed run
+    draws what an uninterrupted one would. Hence no persistent workers: they would carry their random state over
+    from one epoch to the next (restarting them costs a second or two per epoch)."""
+
+    def __init__(self, *args, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(self._passes)
-        self._passes += 1
-        return super().__iter__()
+            self.sampler.set_epoch(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(_epoch_seed(self.seed, epoch, D.rank()))
 
 
 def local_batch(global_batch: int) -> int:
@@ -60,20 +102,20 @@ def local_batch(global_batch: int) -> int:
 
 
 def make_loader(ds: Dataset, global_batch: int, train: bool, num_workers: int, repeated_aug: bool = False,
-                seed: int = 0) -> EpochLoader:
-    """Train loaders shuffle and drop the last partial batch (Mixup needs even, equal batches); eval loaders
-    keep every image in order."""
-    sampler = None
+                seed: int = 0, drop_last: bool = False) -> EpochLoader:
+    """Global batches of ``global_batch`` images, each process loading its share (``ShardSampler``; timm's
+    ``RepeatAugSampler`` for DeiT's repeated augmentation). Train loaders shuffle; eval loaders keep every image
+    once, in order. ``drop_last``: fine-tuning drops the partial last batch (Mixup needs even, equal batches); the
+    linear probe keeps it, as ``main_lincls.py``."""
     if repeated_aug and train:
         from timm.data.distributed_sampler import RepeatAugSampler
 
         sampler = RepeatAugSampler(ds, num_replicas=D.world_size(), rank=D.rank(), shuffle=True)
-    elif D.is_dist():
-        sampler = torch.utils.data.DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train)
-    generator = torch.Generator().manual_seed(seed)
-    return EpochLoader(ds, batch_size=local_batch(global_batch), shuffle=train and sampler is None,
-                       sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                       drop_last=train, persistent_workers=num_workers > 0, generator=generator)
+    else:
+        sampler = ShardSampler(len(ds), global_batch, shuffle=train, seed=seed, drop_last=drop_last)
+    return EpochLoader(ds, batch_size=local_batch(global_batch), sampler=sampler, num_workers=num_workers,
+                       pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                       generator=torch.Generator().manual_seed(seed), seed=seed)
 
 
 def imagenet_linear_loaders(cfg: RunConfig, data_root: str | None) -> tuple[EpochLoader, EpochLoader]:
@@ -117,7 +159,7 @@ def imagenet_finetune_loaders(cfg: RunConfig, recipe: FinetuneRecipe, data_root:
     train_tf, test_tf = finetune_transforms(recipe, cfg.image_size)
     train = ImageFolder(str(imagenet_folder(data_root, "train")), transform=train_tf)
     val = ImageFolder(str(imagenet_folder(data_root, "val")), transform=test_tf)
-    return (make_loader(train, recipe.batch, True, cfg.num_workers, recipe.repeated_aug, cfg.seed),
+    return (make_loader(train, recipe.batch, True, cfg.num_workers, recipe.repeated_aug, cfg.seed, drop_last=True),
             make_loader(val, recipe.batch, False, cfg.num_workers))
 
 
@@ -163,5 +205,5 @@ def transfer_loaders(name: str, data_root: str | None, recipe: FinetuneRecipe, i
     """(train_loader, test_loader, num_classes) with the recipe's transforms and global batch."""
     train_tf, test_tf = finetune_transforms(recipe, image_size)
     train, test, num_classes = transfer_datasets(name, data_root, train_tf, test_tf, download)
-    return (make_loader(train, recipe.batch, True, num_workers, recipe.repeated_aug, seed),
+    return (make_loader(train, recipe.batch, True, num_workers, recipe.repeated_aug, seed, drop_last=True),
             make_loader(test, recipe.batch, False, num_workers), num_classes)

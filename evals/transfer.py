@@ -117,16 +117,18 @@ def run_transfer_row(cfg: RunConfig, profile: Profile, data_root: str | None, ck
     out: dict[str, float] = {}
     for target in profile.transfer_targets:
         recipe = transfer_recipe(profile.name, target)
+        ft_ckpt = Path(ckpt_path).with_suffix(f".{target}.pt") if ckpt_path else None  # resumable fine-tuning
         if is_tensor_dataset(cfg.dataset):
             train, test = load_target(target, cfg, data_root)
             acc = finetune(state, cfg, recipe, train, test, device=device, progress=progress,
-                           desc=f"finetune {target}")
+                           desc=f"finetune {target}", ckpt_path=ft_ckpt)
         else:
             from .loaders import transfer_loaders
 
             train, test, num_classes = transfer_loaders(target, data_root, recipe, cfg.image_size,
                                                         cfg.num_workers, cfg.seed)
-            acc = finetune(state, cfg, recipe, train, test, num_classes, device, progress, f"finetune {target}")
+            acc = finetune(state, cfg, recipe, train, test, num_classes, device, progress, f"finetune {target}",
+                           ft_ckpt)
         out[target] = round(acc, 2)
     if ckpt_path is not None and D.is_main():
         Path(ckpt_path).with_name(Path(ckpt_path).stem + ".backbone.pt").unlink(missing_ok=True)

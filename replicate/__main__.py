@@ -1,9 +1,10 @@
-"""Command line: ``replicate {run,show,list}`` (or ``python -m replicate``); ``python -m replicate.render`` draws
-the tables."""
+"""Command line: ``replicate {run,show,list,export,evaluate}`` (or ``python -m replicate``); ``python -m
+replicate.render`` draws the tables."""
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from .profiles import PROFILES
 
@@ -12,6 +13,8 @@ EPILOG = """examples:
   replicate run tables/05_position_embedding.yaml --profile smoke
   replicate show table10 --profile paper
   torchrun --nproc_per_node 8 -m replicate run table5 --profile paper --data-root /data/imagenet
+  replicate export table5 sincos --profile reduced --format timm -o sincos.pth
+  replicate evaluate vit-b-300ep.pth.tar --profile paper --data-root /data/imagenet
 
 environment (runtime knobs; they change speed, not what a row means):
   REPLICATE_CPU_MATMUL=bf16|fp32   CPU matmul precision (default: bf16 on CPUs with AMX/AVX512-BF16, else fp32)
@@ -52,7 +55,81 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("table", help="tableN or a spec path")
     show.add_argument("--profile", default="paper", metavar="NAME", help=f"one of {profiles}. Default: paper")
     sub.add_parser("list", help="list the studies")
+    add_export_parser(sub, profiles)
+    add_evaluate_parser(sub, profiles)
     return p
+
+
+EXPORT_EPILOG = """examples:
+  replicate export table5 sincos --profile reduced --format timm -o sincos.pth
+  replicate export table10 vit_small --profile paper --seed 1 --format moco-v3 -o vit_small.pth.tar
+
+timm:    model = replicate.model.build_vit(cfg); model.load_state_dict(torch.load("sincos.pth")), or the
+         timm.create_model(...) call the command prints (ViT-BN rows: build_vit only)
+moco-v3: the official main_moco.py layout; the official main_lincls.py --pretrained reads it. Only the base
+         encoder's backbone is exported: the projector/predictor heads and the momentum encoder are not kept.
+"""
+
+EVALUATE_EPILOG = """examples:
+  replicate evaluate vit-b-300ep.pth.tar --profile paper --data-root /data/imagenet
+  torchrun --nproc_per_node 8 -m replicate evaluate vit-b-300ep.pth.tar --profile paper --data-root /data/imagenet
+  replicate evaluate sincos.pth --profile reduced --row table5:sincos
+  replicate evaluate results/reduced/05_position_embedding/sincos/seed0.backbone.pt
+
+the model: the config stored in the file (a row's seed<K>.backbone.pt), else --row TABLE:ROW resolved at the
+profile, else the paper's default setting with --arch (vit_base) resolved at the profile. The checkpoint must fit
+it exactly; otherwise one line names the first missing, unexpected or mis-shaped key.
+"""
+
+
+def add_export_parser(sub, profiles: str) -> None:
+    from .export import EXPORT_FORMATS
+
+    export = sub.add_parser(
+        "export", help="write a finished row's backbone as a timm state dict or an official moco-v3 checkpoint",
+        description=textwrap.fill(
+            "Export the backbone a finished pretraining row kept (<results>/<profile>/<spec file name>/<row>/"
+            "seed<K>.backbone.pt) as a plain timm VisionTransformer state dict (num_classes=0, no head) or in the "
+            "official facebookresearch/moco-v3 layout (module.base_encoder.* keys; the heads and the momentum "
+            "encoder are not exported).", 116),
+        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("table", help="tableN (1-11), or a path to a spec .yaml")
+    export.add_argument("row", help="the row's name (replicate show TABLE lists them)")
+    export.add_argument("--profile", default="reduced", metavar="NAME", help=f"one of {profiles}. Default: reduced")
+    export.add_argument("--seed", type=int, default=0, help="which seed's backbone. Default: 0")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="timm or moco-v3")
+    export.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the export")
+    export.add_argument("--results", default=None, metavar="DIR", help="results root. Default: the repository's "
+                                                                       "results/")
+
+
+def add_evaluate_parser(sub, profiles: str) -> None:
+    from .profiles import PAPER_ARCHS
+
+    evaluate = sub.add_parser(
+        "evaluate", help="score a checkpoint (official moco-v3, timm ViT, or a row's backbone) with a profile's "
+                         "protocols",
+        description=textwrap.fill(
+            "Evaluate a ViT checkpoint with a profile's protocols: kNN and linear probe on frozen features (reduced, "
+            "smoke) or the paper's linear probe (paper). Accepts the official moco-v3 checkpoint "
+            "(module.base_encoder.*; heads, momentum encoder and predictor dropped), a timm ViT state dict (plain "
+            "or under state_dict/model) or a row's seed<K>.backbone.pt. Prints the metrics; rank 0 writes "
+            "<results>/<profile>/evaluations/<checkpoint name>.<sha256[:8]>.json.", 116),
+        epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("checkpoint", help="the checkpoint file")
+    evaluate.add_argument("--profile", default=None, metavar="NAME",
+                          help=f"one of {profiles}. Default: the profile stored in the file, else paper")
+    evaluate.add_argument("--arch", default=None, choices=list(PAPER_ARCHS),
+                          help="the paper's architecture when neither the file nor --row gives one. Default: "
+                               "vit_base")
+    evaluate.add_argument("--row", default=None, metavar="TABLE:ROW",
+                          help="build the model of this spec row at the profile (e.g. table5:learned)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="seed of the linear probe (with --row or --arch). Default: 0")
+    evaluate.add_argument("--data-root", default=None, metavar="DIR", help="dataset folder, as for `run`")
+    evaluate.add_argument("--results", default=None, metavar="DIR",
+                          help="results root the evaluation record goes to. Default: the repository's results/")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .distributed import LaunchError, shutdown
+    from .evaluate import CheckpointLoadError
     from .precision import PrecisionError, cpu_matmul_precision
     from .results import ResultsError
     from .spec import SpecError, all_specs, find_spec, load_spec
@@ -69,13 +147,21 @@ def main(argv: list[str] | None = None) -> int:
             for s in all_specs():
                 print(f"{s.key:8s} {s.title:38s} {s.paper_ref}")
             return 0
-        if args.profile not in PROFILES:
+        if args.profile is not None and args.profile not in PROFILES:
             raise SpecError(f"unknown profile {args.profile!r}; choose one of: {', '.join(PROFILES)}")
+        if args.command == "evaluate":
+            return evaluate_command(args)
         spec = load_spec(find_spec(args.table))
         if args.command == "show":
             from .show import show_table
 
             print(show_table(spec, args.profile))
+            return 0
+        if args.command == "export":
+            from .export import export_row
+
+            how = export_row(spec, args.row, args.profile, args.seed, args.format, args.output, args.results)
+            print(f"wrote {args.output}: {how}")
             return 0
         if args.seeds < 1:
             raise SpecError(f"--seeds must be at least 1 (got {args.seeds})")
@@ -91,10 +177,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(render_table(spec, store, write=True))
         return 0
-    except (SpecError, DataError, ResultsError, CheckpointError, LaunchError, PrecisionError) as e:
+    except (SpecError, DataError, ResultsError, CheckpointError, CheckpointLoadError, LaunchError,
+            PrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.command != "run":
+            print("interrupted", file=sys.stderr)
+            return 130
         every = PROFILES[args.profile].checkpoint_every if getattr(args, "profile", None) in PROFILES else 0
         resume = (f"the current row resumes from its last checkpoint (every {every} iterations)" if every else
                   "the current row starts over (this profile does not checkpoint: its rows are short)")
@@ -102,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         shutdown()  # leave the torchrun process group cleanly (a no-op in a single process)
+
+
+def evaluate_command(args) -> int:
+    """``replicate evaluate``: every rank evaluates (the probe may be distributed), rank 0 prints and writes."""
+    from . import distributed as D
+    from .evaluate import evaluate_checkpoint
+
+    metrics, path = evaluate_checkpoint(args.checkpoint, args.profile, args.arch, args.row, args.seed,
+                                        args.data_root, args.results,
+                                        progress=not args.quiet and sys.stderr.isatty())
+    if D.is_main():
+        print(", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        print(f"-> {path}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -146,6 +146,81 @@ def report() -> str:
     return "\n".join(lines)
 
 
+# The instability target's rows (issue #17, docs/reduced-scale.md "Criteria"): where the paper's curves dip, and the
+# rows the criteria name as stable, whose every detected dip is a false positive of the detector at this scale.
+PAPER_UNSTABLE = ("table1:bs4096", "table1:bs6144", "table2:lr1.5e-4", "table4:mocov3_lr1.5e-4_learned",
+                  "table3:lr6e-4", "table3:lr8e-4")
+PAPER_STABLE = ("table1:bs1024", "table1:bs2048", "table2:lr0.5e-4", "table4:mocov3_lr0.5e-4_random",
+                "table4:mocov3_lr1.0e-4_random")
+TWINS = (("table4:mocov3_lr0.5e-4_random", "table4:mocov3_lr0.5e-4_learned"),
+         ("table4:mocov3_lr1.0e-4_random", "table4:mocov3_lr1.0e-4_learned"),
+         ("table4:mocov3_lr1.5e-4_random", "table4:mocov3_lr1.5e-4_learned"))
+
+
+def current_records(ref: str, profile: str = "reduced", results_root: Path | None = None) -> list[dict]:
+    """The seed records of ``ref`` ('table1:bs4096') made with the config the spec resolves to now (stale ones and
+    failed ones left out), by seed."""
+    from .profiles import get_profile
+    from .results import ResultStore, config_changes
+    from .spec import find_spec, load_spec
+
+    table, _, name = ref.partition(":")
+    spec = load_spec(find_spec(table))
+    row = spec.row(name)
+    out = []
+    for rec in ResultStore(results_root, profile).table_records(spec.key).get(name, []):
+        now = get_profile(profile).resolve(spec.setting(row), seed=rec["seed"]).model_dump(mode="json")
+        if rec.get("status") == "ok" and not config_changes(rec.get("config"), now):
+            out.append(rec)
+    return sorted(out, key=lambda r: r["seed"])
+
+
+def instability_report(profile: str = "reduced", results_root: Path | None = None) -> str:
+    """The instability target measured on the committed results: kNN dips per seed in the paper's unstable and
+    stable rows, the detector's false-positive rate (stable row-seeds with a dip), the first layer's lead, and the
+    random vs learned patch-projection twins."""
+    from .instability import record_summary
+
+    def cells(ref: str):
+        recs = current_records(ref, profile, results_root)
+        sums = [record_summary(r) or {} for r in recs]
+        dips = [s.get("knn", {}).get("n_dips", 0) for s in sums]
+        depth = max((s.get("knn", {}).get("max_depth", 0.0) for s in sums), default=0.0)
+        leads = [s.get("grad", {}).get("first_leads_by") for s in sums]
+        return recs, dips, depth, leads
+
+    lines = ["| paper | row | seeds | dips per seed | deepest | seeds with a dip | first layer leads by (iterations, per seed) |",
+             "|---|---|---|---|---|---|---|"]
+    stable_hits = stable_runs = unstable_ok = unstable_rows = 0
+    for kind, refs in (("unstable", PAPER_UNSTABLE), ("stable", PAPER_STABLE)):
+        for ref in refs:
+            recs, dips, depth, leads = cells(ref)
+            if not recs:
+                lines.append(f"| {kind} | {ref} | 0 | not run yet | | | |")
+                continue
+            hit = sum(d > 0 for d in dips)
+            if kind == "stable":
+                stable_hits, stable_runs = stable_hits + hit, stable_runs + len(recs)
+            else:
+                unstable_rows += 1
+                unstable_ok += hit >= 2
+            lead = ", ".join("—" if v is None else f"{v:g}" for v in leads)
+            lines.append(f"| {kind} | {ref} | {len(recs)} | {', '.join(map(str, dips))} | {depth:.1f} | "
+                         f"{hit} of {len(recs)} | {lead} |")
+    lines.append("")
+    if stable_runs:
+        lines.append(f"False positives (a dip in a paper-stable row): {stable_hits} of {stable_runs} runs "
+                     f"({100 * stable_hits / stable_runs:.0f}%).")
+    if unstable_rows:
+        lines.append(f"Paper-unstable rows with dips in >= 2 of their seeds: {unstable_ok} of {unstable_rows}.")
+    for rand, learned in TWINS:
+        r, lr = cells(rand), cells(learned)
+        if r[0] and lr[0]:
+            lines.append(f"Twins {rand.split(':')[1].removesuffix('_random')}: random {sum(r[1])} dips, "
+                         f"learned {sum(lr[1])} dips ({len(r[0])} / {len(lr[0])} seeds).")
+    return "\n".join(lines)
+
+
 def figure(row: str, out: Path) -> Path:
     """The held-out kNN monitor of every calibration run of ``row`` ('05_position_embedding:sincos'), against
     training images seen (so runs of different batch sizes line up), one curve per candidate and seed."""
@@ -185,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("estimate", help="time the whole suite (one seed) under candidates")
     e.add_argument("names", nargs="+")
     sub.add_parser("report", help="print every calibration run so far")
+    sub.add_parser("instability", help="the instability target on the committed reduced results: dips in the "
+                                       "paper's unstable and stable rows, false-positive rate, twins")
     f = sub.add_parser("figure", help="plot the kNN monitor of every run of one row")
     f.add_argument("row", help="spec key and row, e.g. 05_position_embedding:sincos")
     f.add_argument("--out", type=Path, required=True)
@@ -201,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             (RUNS_ROOT / f"estimate-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     elif args.command == "figure":
         print(figure(args.row, args.out))
+    elif args.command == "instability":
+        print(instability_report())
     else:
         print(report())
     return 0

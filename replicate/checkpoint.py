@@ -62,13 +62,18 @@ REQUIRED_KEYS = {"fingerprint", "step", "wall_time_s", "model", "optimizer", "mo
 def load_checkpoint(path, cfg: RunConfig) -> dict:
     """Load a checkpoint written for exactly this config. A corrupt or foreign file is moved aside (never used)
     with a warning, and a CheckpointError tells the caller to start from scratch."""
+    return load_verified(path, config_fingerprint(cfg), REQUIRED_KEYS)
+
+
+def load_verified(path, fingerprint: str, required: set[str]) -> dict:
+    """``load_checkpoint`` for any checkpoint holding ``required`` keys, one of them ``fingerprint``."""
     path = Path(path)
     reason = None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not REQUIRED_KEYS <= state.keys():
+        if not isinstance(state, dict) or not required <= state.keys():
             reason = "not a checkpoint of this suite"
-        elif state["fingerprint"] != config_fingerprint(cfg):
+        elif state["fingerprint"] != fingerprint:
             reason = "written for a different configuration"
     except Exception as e:  # noqa: BLE001 - any unreadable file is treated the same way
         reason = f"unreadable ({type(e).__name__})"

@@ -202,8 +202,9 @@ def channel_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def imagenet_folder(data_root: str | None, split: str):
     """ImageNet in ImageFolder layout: DATA_ROOT/{train,val}/<wnid>/*.JPEG."""
     if not data_root:
-        raise DataError("the paper profile needs ImageNet: pass --data-root DIR with DIR/train and DIR/val "
-                        "in ImageFolder layout (one folder per class)")
+        raise DataError("the paper profiles need ImageFolder data: pass --data-root DIR with DIR/train and DIR/val "
+                        "in ImageFolder layout, one folder per class (paper: ImageNet; paper-smoke: "
+                        "`python -m replicate.synthetic DIR` writes one)")
     path = Path(data_root) / split
     if not path.is_dir():
         raise DataError(f"{path}: no such folder; --data-root must hold train/ and val/ in ImageFolder layout")

@@ -5,7 +5,10 @@ Writes two things that must never drift from the code and the committed results:
 - ``docs/spec-format.md``: every key a study spec may hold (``Spec``, ``Row``) and every key of a row's setting
   (``Setting``), with its type, default and meaning, taken from the pydantic models' fields and descriptions;
 - the results block of ``README.md`` (between ``<!-- results:start -->`` and ``<!-- results:end -->``): one line
-  per study with the verdicts of its rendered table (``replicate.render.verdict_summary``) at the reduced profile.
+  per study with the verdicts of its rendered table (``replicate.render.verdict_summary``) at the reduced profile;
+- the blocks of ``docs/reduced-scale.md`` measured from committed runs: every calibration run
+  (``calibration``, ``replicate.calibrate.report``) and the instability target on the reduced results
+  (``instability``, ``replicate.calibrate.instability_report``).
 
 ``--check`` writes nothing and exits 1 if either is out of date (the tests run it).
 """
@@ -27,6 +30,7 @@ from .spec import TABLES_DIR, Row, Spec
 REPO = Path(__file__).resolve().parent.parent
 SPEC_DOC = REPO / "docs" / "spec-format.md"
 README = REPO / "README.md"
+REDUCED_DOC = REPO / "docs" / "reduced-scale.md"
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 README_PROFILE = "reduced"
 EXAMPLE_SPEC = "05_position_embedding.yaml"
@@ -162,25 +166,41 @@ Change a row (or `base`) and the next `replicate run` says which field changed a
 """
 
 
+def with_block(text: str, name: str, body: str, where: str = "README.md") -> str:
+    """``text`` with the lines between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``body``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, sep, rest = text.partition(start)
+    _, sep2, tail = rest.partition(end)
+    if not sep or not sep2:
+        raise ValueError(f"{where} has no {start} ... {end} block")
+    return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
+
+
 def readme_with_results(readme: str, profile: str = README_PROFILE) -> str:
     """The README with its results block regenerated from the committed results."""
     from .render import verdict_summary
 
-    head, sep, rest = readme.partition(RESULTS_START)
-    _, sep2, tail = rest.partition(RESULTS_END)
-    if not sep or not sep2:
-        raise ValueError(f"README.md has no {RESULTS_START} ... {RESULTS_END} block")
-    return f"{head}{RESULTS_START}\n{verdict_summary(profile)}{RESULTS_END}{tail}"
+    return with_block(readme, "results", verdict_summary(profile))
+
+
+def reduced_doc(text: str) -> str:
+    """docs/reduced-scale.md with its measured blocks regenerated from the committed runs."""
+    from .calibrate import instability_report, report
+
+    text = with_block(text, "calibration", report(), REDUCED_DOC.name)
+    return with_block(text, "instability", instability_report(), REDUCED_DOC.name)
 
 
 def wanted() -> dict[Path, str]:
     """Every generated file and the text it should have."""
-    return {SPEC_DOC: spec_format(), README: readme_with_results(README.read_text())}
+    return {SPEC_DOC: spec_format(), README: readme_with_results(README.read_text()),
+            REDUCED_DOC: reduced_doc(REDUCED_DOC.read_text())}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replicate.docs",
-                                description="Regenerate docs/spec-format.md and the README's results block.")
+                                description="Regenerate docs/spec-format.md, the README's results block and the measured blocks of "
+                                            "docs/reduced-scale.md.")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is out of date")
     args = p.parse_args(argv)
     stale = []

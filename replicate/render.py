@@ -192,6 +192,9 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
                   + ". Features that do not beat raw pixels say little about the paper's effects.", ""]
     if spec.notes:
         lines += [f"Notes: {spec.notes}", ""]
+    if not transfer and "linear" in metric_keys(spec, records, store.profile):
+        lines += ["Linear: top-1 after the probe's last epoch; `linear_best`, where shown, is its best epoch's (the "
+                  "number the official `main_lincls.py` reports).", ""]
     lines += ["Verdict: our Δ vs the paper's Δ, with noise = 2·sqrt(s²/n + s_ref²/n_ref) over seeds "
               "(see `replicate/render.py`).", ""]
     return lines

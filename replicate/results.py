@@ -2,7 +2,8 @@
 
 Layout: ``<root>/<profile>/<spec file name>/<row>/seed<K>.json`` (e.g. ``results/reduced/05_position_embedding/
 sincos/seed0.json``). Each file holds the metrics, the run's status, the fully resolved RunConfig, the monitor
-curves and provenance (git commit, package versions, device, wall time). A record is current only while its
+curves, provenance (git commit, package versions, device, wall time) and, for a finished pretraining row, the name
+of its backbone file ``seed<K>.backbone.pt`` beside it (``replicate.export``). A record is current only while its
 stored config equals what its spec resolves to now (``config_changes``); the runner re-runs a row whose config
 changed. Each study folder records which spec file owns it (``SPEC``), so two specs never share a folder.
 A per-row lock file serialises two processes that run the same row, so concurrent table runs never corrupt
@@ -13,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_open, atomic_write_text
 from .checkpoint import NOT_FINGERPRINTED  # when a run saves, not what it computes
 from .hardware import cpu_info
 
@@ -116,6 +119,29 @@ class ResultStore:
 
     def checkpoint_path(self, table: str, row: str, seed: int) -> Path:
         return self.profile_dir / "ckpt" / table / row / f"seed{seed}.pt"
+
+    def backbone_path(self, table: str, row: str, seed: int) -> Path:
+        """A finished row's final backbone (``replicate.export``), beside its result file; not committed."""
+        return self.row_dir(table, row) / f"seed{seed}.backbone.pt"
+
+    def evaluation_path(self, name: str) -> Path:
+        """The result of ``replicate evaluate`` on one checkpoint (outside every study's folder)."""
+        return self.profile_dir / "evaluations" / f"{name}.json"
+
+    def share_backbone(self, source: tuple[str, str, int], target: tuple[str, str, int]) -> bool:
+        """Give a row that reuses another's result that row's backbone file too: a hard link (no second copy; a
+        later re-run of either row replaces its own name only), else a copy. False if the source has none."""
+        src, dst = self.backbone_path(*source), self.backbone_path(*target)
+        if not src.exists() or src == dst:
+            return src.exists()
+        dst.unlink(missing_ok=True)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:  # a filesystem without hard links
+            with open(src, "rb") as f, atomic_open(dst, "wb") as out:
+                shutil.copyfileobj(f, out)
+        return True
 
     def check_writable(self) -> None:
         """Fail early if results could not be written, without creating anything (bad input writes nothing)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,8 +42,12 @@ def score_features(cfg: RunConfig, train_feats, train_labels, test_feats, test_l
     return out
 
 
-def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress: bool = True) -> dict[str, float]:
-    """The profile's metrics for a pretrained backbone (frozen, eval mode)."""
+def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress: bool = True,
+                      probe_ckpt: Path | None = None) -> dict[str, float]:
+    """The profile's metrics for a pretrained backbone (frozen, eval mode). In-memory data: kNN and the cached
+    probe, on the calling process. ImageFolder data: the official linear probe, which every process under torchrun
+    must call (each gets the metrics: ``linear`` after the last epoch, ``linear_best``); it checkpoints every
+    epoch to ``probe_ckpt`` and resumes from it."""
     from evals.features import extract_features
 
     device = next(backbone.parameters()).device
@@ -55,9 +60,9 @@ def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress:
     from evals.loaders import imagenet_linear_loaders
 
     train_loader, val_loader = imagenet_linear_loaders(cfg, data_root)
-    acc = linear_probe_paper(backbone, cfg.embed_dim, cfg.num_classes, train_loader, val_loader,
-                             cfg.linear_epochs, cfg.linear_batch, cfg.linear_base_lr, device, progress)
-    return {"linear": acc}
+    return linear_probe_paper(backbone, cfg.embed_dim, cfg.num_classes, train_loader, val_loader,
+                              cfg.linear_epochs, cfg.linear_batch, cfg.linear_base_lr, device, progress,
+                              seed=cfg.seed, ckpt_path=probe_ckpt)
 
 
 def baseline_key(cfg: RunConfig) -> dict:
@@ -98,12 +103,37 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
                                    progress)
         record.update(status="ok", metrics=metrics, curves=None)
     else:
-        result = pretrain(cfg, data_root, store.checkpoint_path(spec.key, row.name, seed), progress)
+        from evals.resume import load_state, remove_state, save_state
+
+        from .checkpoint import config_fingerprint
+        from .moco import SelfSupervisedViT
+        from .trainer import PretrainResult
+
+        ckpt, folder = store.checkpoint_path(spec.key, row.name, seed), not is_tensor_dataset(cfg.dataset)
+        # ImageFolder rows keep their finished pretraining until evaluated: a crash in the long linear probe then
+        # resumes the probe (whose checkpoint names this exact backbone) instead of pretraining again
+        kept, tag = ckpt.with_suffix(".pretrained.pt"), config_fingerprint(cfg)
+        saved = load_state(kept, tag) if folder else None
+        if saved is not None:
+            model = SelfSupervisedViT(cfg).to(D.init_from_env())
+            model.load_state_dict(saved.pop("model"))
+            result = PretrainResult(model=model, **saved)
+        else:
+            result = pretrain(cfg, data_root, ckpt, progress)
+            if folder and result.status == "ok":
+                save_state(kept, tag, {**vars(result), "model": result.model.state_dict()})
         record.update(status=result.status, diverged_at=result.diverged_at, iterations=result.iterations,
                       pretrain_s=round(result.wall_time_s, 1), curves=result.monitor)
         record["instability"] = summarize(result.monitor)
-        record["metrics"] = (evaluate_backbone(cfg, result.model.backbone, data_root, progress)
-                             if result.status == "ok" and D.is_main() else {})
+        record["_backbone"] = result.model.backbone  # run_table keeps it (replicate.export) and pops the key
+        # ImageFolder rows: every process runs the probe on its share of the data; in-memory rows: rank 0 alone
+        metrics = {}
+        if result.status == "ok" and (folder or D.is_main()):
+            metrics = evaluate_backbone(cfg, result.model.backbone, data_root, progress,
+                                        probe_ckpt=ckpt.with_suffix(".probe.pt") if folder else None)
+        record["metrics"] = metrics if D.is_main() else {}
+        if folder:
+            remove_state(kept)
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     record.update(wall_time_s=round(time.perf_counter() - t0, 1), config=cfg.model_dump(mode="json"),
                   provenance=provenance(device))
@@ -163,14 +193,21 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bo
             if D.broadcast_from_main(twin is not None):
                 if D.is_main():
                     source = twin.get("reused_from") or f"{twin['table']}/{twin['row']}/seed{twin['seed']}"
-                    store.save(spec.key, row.name, seed, {**twin, "table": spec.key, "row": row.name,
-                                                          "reused_from": source})
+                    copy = {**twin, "table": spec.key, "row": row.name, "reused_from": source}
+                    copy.pop("backbone", None)  # named again only if the twin's file is there to share
+                    if store.share_backbone((twin["table"], twin["row"], twin["seed"]), (spec.key, row.name, seed)):
+                        copy["backbone"] = store.backbone_path(spec.key, row.name, seed).name
+                    store.save(spec.key, row.name, seed, copy)
                     log(f"{head}: the same run as {source} (identical config): result reused "
                         "(--force re-runs it)")
                 continue
             log(f"{head}: running")
             record = run_row(spec, row, profile, seed, store, data_root, progress)
+            backbone = record.pop("_backbone", None)  # the trained ViT, handed back by run_row; never serialised
             if D.is_main():
+                from .export import keep_backbone
+
+                keep_backbone(store, (spec.key, row.name, seed), record, backbone)
                 path = store.save(spec.key, row.name, seed, record)
                 store.checkpoint_path(spec.key, row.name, seed).unlink(missing_ok=True)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items())

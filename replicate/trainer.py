@@ -13,11 +13,13 @@ features. Only rank 0 writes (checkpoints, logs, results).
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -26,7 +28,7 @@ from . import distributed as D
 from .augment import TwoViewBatchAugment
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_states
 from .config import RunConfig
-from .data import channel_stats, is_tensor_dataset, pretraining_split
+from .data import DataError, channel_stats, is_tensor_dataset, pretraining_split
 from .hostmem import retain_freed_memory
 from .moco import SelfSupervisedViT
 from .monitor import HeldOutKnn, TrainingMonitor
@@ -133,9 +135,49 @@ class TensorBatches:
         return x1[mine], x2[mine], self.labels[idx][mine]
 
 
+class SeededSamples(torch.utils.data.Dataset):
+    """A dataset indexed by ``(index, sample_seed)``: the global CPU RNGs (torch, ``random``, numpy) are seeded
+    from ``sample_seed`` just before the item is loaded and transformed, so its random crops are a pure function of
+    the seed, whichever worker (or the main process) draws it and whenever its loader started. In a worker nothing
+    is restored (the worker's RNGs serve nothing else); in the main process (``num_workers=0``) the run's own RNG
+    states are put back afterwards."""
+
+    def __init__(self, ds: torch.utils.data.Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _load(self, index: int, seed: int):
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed would reseed CUDA's
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.ds[index]
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        if torch.utils.data.get_worker_info() is not None:
+            return self._load(index, seed)
+        states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            return self._load(index, seed)
+        finally:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
+
+
 class FolderBatches:
     """ImageFolder data (paper scale): DataLoader workers decode and crop each image (``two_view_pil_crops``, uint8);
-    the photometric part of the recipe runs batched on the device, one generator per (seed, step, rank)."""
+    the photometric part of the recipe runs batched on the device, one generator per (seed, step, rank).
+
+    Exact resume: the order of an epoch is a permutation drawn from (seed, epoch), and each position of it carries
+    a crop seed drawn from the same generator, so the crops of a sample are a pure function of (seed, epoch,
+    position in the global order); ``SeededSamples`` seeds the worker's RNGs from it per sample. A loader restarted
+    at any step (resume) starts at that exact position. This is a stronger form of seeding the workers from
+    (seed, epoch, rank, worker): the crops do not depend on the rank, the world size, the number of workers, which
+    worker loaded which batch, or where the loader was restarted.
+    """
 
     def __init__(self, cfg: RunConfig, data_root: str | None, device: torch.device):
         from torchvision.datasets import ImageFolder
@@ -143,25 +185,50 @@ class FolderBatches:
         from .augment import two_view_pil_crops
         from .data import imagenet_folder
 
-        self.ds = ImageFolder(str(imagenet_folder(data_root, "train")),
-                              transform=two_view_pil_crops(cfg.image_size, cfg.crop_min))
+        train = imagenet_folder(data_root, "train")
+        folder = ImageFolder(str(train), transform=two_view_pil_crops(cfg.image_size, cfg.crop_min))
+        if len(folder.classes) > cfg.num_classes:
+            raise DataError(f"{train}: {len(folder.classes)} class folders, but profile {cfg.profile!r} classifies "
+                            f"{cfg.num_classes}; use a dataset with at most {cfg.num_classes} classes")
+        self.ds = SeededSamples(folder)
         self.augment = make_augment(cfg, compile=compile_wanted(device))
         self.cfg, self.device = cfg, device
         self.local_batch = cfg.batch_size // D.world_size()
-        self.iters_per_epoch = len(self.ds) // cfg.batch_size
-        self._epoch, self._it = None, None
+        self.iters_per_epoch = len(self.ds) // cfg.batch_size  # drop_last, as the official loader
+        if self.iters_per_epoch == 0:
+            raise DataError(f"{train}: {len(self.ds)} images, fewer than one batch of {cfg.batch_size}")
+        self._it, self._next = None, None  # the open loader's iterator and the step it yields next
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image indices, crop seeds) of the epoch's global order, drop_last: the same on every rank."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        n = self.iters_per_epoch * self.cfg.batch_size
+        perm = torch.randperm(len(self.ds), generator=g)[:n]
+        seeds = torch.randint(0, 2**63 - 1, (n,), generator=g)
+        return perm, seeds
+
+    def _loader(self, epoch: int, i: int):
+        """This rank's samples of ``epoch`` from iteration ``i`` on, as (index, crop seed) pairs."""
+        perm, seeds = self.epoch_order(epoch)
+        mine = (t.view(-1, D.world_size(), self.local_batch)[i:, D.rank()].reshape(-1).tolist() for t in (perm, seeds))
+        # a generator of its own: the workers' base seed (unused: every sample is seeded) draws nothing from the
+        # run's global RNG
+        return torch.utils.data.DataLoader(self.ds, batch_size=self.local_batch, sampler=list(zip(*mine)),
+                                           num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                           persistent_workers=False, generator=torch.Generator().manual_seed(epoch))
+
+    def crops(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's uint8 crops (view 1, view 2) and labels for global iteration ``step``. Sequential calls
+        share one loader per epoch; any other step restarts the loader at that step's position."""
+        epoch, i = divmod(step, self.iters_per_epoch)
+        if step != self._next or i == 0:
+            self._it = iter(self._loader(epoch, i))
+        (c1, c2), y = next(self._it)
+        self._next = step + 1
+        return c1, c2, y
 
     def batch(self, step: int):
-        epoch, i = divmod(step, self.iters_per_epoch)
-        if self._epoch != epoch or self._it is None:
-            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
-            perm = torch.randperm(len(self.ds), generator=g)[: self.iters_per_epoch * self.cfg.batch_size]
-            mine = perm.view(-1, D.world_size(), self.local_batch)[i:, D.rank()].reshape(-1).tolist()
-            loader = torch.utils.data.DataLoader(self.ds, batch_size=self.local_batch, sampler=mine,
-                                                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                                                 persistent_workers=False)
-            self._epoch, self._it = epoch, iter(loader)
-        (c1, c2), y = next(self._it)
+        c1, c2, y = self.crops(step)
         g = torch.Generator(device=self.device).manual_seed((self.cfg.seed * 7919 + step) * 1024 + D.rank())
         return (*self.augment.from_crops(c1, c2, g, self.device), y.to(self.device, non_blocking=True))
 

@@ -150,3 +150,32 @@ def test_smoke_run_records_instability_and_renders_figures(tmp_path):
         png = tmp_path / "smoke" / f"{spec.key}_{kind}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert f"{spec.key}_knn.png" in (tmp_path / "smoke" / f"{spec.key}.md").read_text()
+
+
+def test_instability_target_report_counts_false_positives_and_skips_stale_runs(tmp_path):
+    """The report behind docs/reduced-scale.md's instability target: a dip in a paper-stable row is a false
+    positive, a paper-unstable row counts once >= 2 of its seeds dip, and a run whose config is stale is ignored."""
+    from replicate.calibrate import instability_report
+    from replicate.profiles import REDUCED
+
+    store = ResultStore(tmp_path, "reduced")
+    spec1 = load_spec(find_spec("table1"))
+
+    def put(row: str, seed: int, dips: list, stale: bool = False):
+        cfg = REDUCED.resolve(spec1.setting(spec1.row(row)), seed=seed).model_dump(mode="json")
+        if stale:
+            cfg["embed_dim"] += 1
+        curves = synthetic_curves(1000, dips, [], 0, seed)
+        store.save(spec1.key, row, seed, {"table": spec1.key, "row": row, "seed": seed, "status": "ok",
+                                          "config": cfg, "curves": curves, "instability": summarize(curves)})
+
+    put("bs1024", 0, [(30, 5.0)])
+    put("bs1024", 1, [])
+    put("bs1024", 2, [(30, 5.0)], stale=True)  # not counted
+    for seed in range(3):
+        put("bs6144", seed, [(30, 5.0)] if seed else [])
+    text = instability_report("reduced", tmp_path)
+    assert "| stable | table1:bs1024 | 2 | 1, 0 | " in text
+    assert "False positives (a dip in a paper-stable row): 1 of 2 runs (50%)." in text
+    assert "Paper-unstable rows with dips in >= 2 of their seeds: 1 of 1." in text
+    assert "| unstable | table1:bs4096 | 0 | not run yet |" in text

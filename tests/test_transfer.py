@@ -134,7 +134,7 @@ def test_imagenet_linear_loaders_shapes(tmp_path):
         update={"image_size": 32, "linear_batch": 4, "num_workers": 0})
     train, val = imagenet_linear_loaders(cfg, str(tmp_path))
     xs = [x.shape for x, _ in train]
-    assert xs == [(4, 3, 32, 32)]  # 6 images, batch 4: drop_last keeps one full batch
+    assert xs == [(4, 3, 32, 32), (2, 3, 32, 32)]  # 6 images, batch 4: the last batch is partial, as main_lincls
     ys = torch.cat([y for _, y in val])
     assert ys.tolist() == [0, 0, 0, 1, 1, 1]  # every val image, in order
     with pytest.raises(DataError):

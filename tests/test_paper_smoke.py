@@ -1,0 +1,42 @@
+"""The paper-smoke profile: the paper's ImageFolder code path end to end, on a generated ImageFolder, in seconds."""
+import json
+import time
+
+import pytest
+
+from replicate.profiles import PAPER, PAPER_SMOKE
+from replicate.runner import run_table
+from replicate.show import show_table
+from replicate.spec import all_specs, find_spec, load_spec
+from replicate.synthetic import main as synthetic_main
+
+
+def test_every_study_resolves_at_paper_smoke():
+    for spec in all_specs():
+        text = show_table(spec, "paper-smoke")
+        assert all(row.name in text for row in spec.rows), spec.key
+    spec = load_spec(find_spec("table5"))
+    cfg = PAPER_SMOKE.resolve(spec.setting(spec.row(spec.reference)))
+    # the paper's code path: the ImageFolder dataset key, DataLoader workers, the official probe, the queue monitor
+    assert (cfg.dataset, cfg.linear_protocol, cfg.metrics) == (PAPER.dataset, "paper", ("linear",))
+    assert cfg.num_workers == 2 and cfg.monitor_probe == 0 and cfg.in_chans == 3
+    assert (cfg.batch_size, cfg.epochs, cfg.image_size, cfg.patch_size) == (16, 2, 32, 8)
+
+
+@pytest.mark.smoke  # three rows with DataLoader workers: ~30 s on one busy core
+def test_table5_runs_on_a_generated_image_folder(tmp_path):
+    data = tmp_path / "data"
+    assert synthetic_main([str(data)]) == 0  # the CLI a user or CI runs first
+    assert sorted(p.name for p in (data / "train").iterdir()) == ["class0", "class1", "class2", "class3"]
+    spec = load_spec(find_spec("table5"))
+    t0 = time.perf_counter()
+    store = run_table(spec, "paper-smoke", seeds=1, data_root=str(data), results_root=tmp_path / "results",
+                      progress=False)
+    print(f"paper-smoke table5: {time.perf_counter() - t0:.1f} s")
+    for row in spec.rows:
+        record = json.loads(store.path(spec.key, row.name, 0).read_text())
+        assert record["status"] == "ok", row.name
+        assert 0.0 <= record["metrics"]["linear"] <= 100.0, row.name
+        assert record["config"]["dataset"] == "imagenet" and record["config"]["num_workers"] == 2
+        assert record["curves"]["knn_acc"], row.name  # App. A's queue monitor ran during pretraining
+    assert not list((store.profile_dir / "ckpt").rglob("*.pt"))  # periodic checkpoints, cleaned up at the end
