@@ -189,7 +189,8 @@ def instability_report(profile: str = "reduced", results_root: Path | None = Non
         leads = [s.get("grad", {}).get("first_leads_by") for s in sums]
         return recs, dips, depth, leads
 
-    lines = ["| paper | row | seeds | dips per seed | deepest | seeds with a dip | first layer leads by (iterations, per seed) |",
+    lines = ["| paper | row | seeds | dips per seed | deepest | seeds with a dip | "
+             "first layer leads by (iterations, per seed) |",
              "|---|---|---|---|---|---|---|"]
     stable_hits = stable_runs = unstable_ok = unstable_rows = 0
     for kind, refs in (("unstable", PAPER_UNSTABLE), ("stable", PAPER_STABLE)):

@@ -199,8 +199,8 @@ def wanted() -> dict[Path, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replicate.docs",
-                                description="Regenerate docs/spec-format.md, the README's results block and the measured blocks of "
-                                            "docs/reduced-scale.md.")
+                                description="Regenerate docs/spec-format.md, the README's results block and the "
+                                            "measured blocks of docs/reduced-scale.md.")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is out of date")
     args = p.parse_args(argv)
     stale = []

@@ -24,6 +24,7 @@ from torch import nn
 
 from .checkpoint import atomic_torch_save
 from .config import RunConfig
+from .model import timm_vit_kwargs
 from .profiles import get_profile
 from .results import ResultsError, ResultStore, config_changes
 from .spec import Spec, SpecError
@@ -91,11 +92,6 @@ def stored_config(config: dict, path: Path) -> RunConfig:
                            f"({'.'.join(map(str, first['loc']))}: {first['msg']}); re-run the row") from None
 
 
-def timm_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm's layout is the backbone's own: ``VisionTransformer(num_classes=0)`` keys, no ``head``."""
-    return dict(state)
-
-
 def moco_v3_checkpoint(state: dict[str, torch.Tensor], cfg: RunConfig) -> dict:
     """The official ``main_moco.py`` checkpoint layout, base-encoder backbone only (no heads, no momentum encoder,
     no optimizer: ``main_lincls.py`` reads only ``state_dict``'s ``module.base_encoder.`` keys without ``head``)."""
@@ -106,15 +102,7 @@ def moco_v3_checkpoint(state: dict[str, torch.Tensor], cfg: RunConfig) -> dict:
 def timm_create_kwargs(cfg: RunConfig) -> dict | None:
     """``timm.create_model`` arguments that build the same ViT as ``build_vit(cfg)`` (None for ViT-BN, whose
     BatchNorm MLP blocks timm does not build). The sin-cos table is a buffer-like parameter: it loads from the file."""
-    s = cfg.setting
-    if s.norm_mlp == "bn":
-        return None
-    pooling = {"cls": dict(class_token=True, global_pool="token"),
-               "gap_ln": dict(class_token=False, global_pool="avg", fc_norm=False),
-               "gap": dict(class_token=False, global_pool="avg", fc_norm=False, final_norm=False)}[s.pooling]
-    return dict(model_name="vit_base_patch16_224", num_classes=0, img_size=cfg.image_size,
-                patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                num_heads=cfg.num_heads, pos_embed="none" if s.pos_embed == "none" else "learn", **pooling)
+    return None if cfg.setting.norm_mlp == "bn" else timm_vit_kwargs(cfg)
 
 
 def how_to_load(fmt: str, out: Path, cfg: RunConfig) -> str:
@@ -144,5 +132,6 @@ def export_row(spec: Spec, row: str, profile: str, seed: int, fmt: str, out: str
         print(f"warning: {spec.name} row {row} is stale (the spec changed since: {'; '.join(changes)}); "
               "exporting the stored backbone", file=sys.stderr)
     out = Path(out)
-    atomic_torch_save(timm_state_dict(state) if fmt == "timm" else moco_v3_checkpoint(state, cfg), out)
+    # timm's layout is the backbone's own: VisionTransformer(num_classes=0) keys, no head
+    atomic_torch_save(state if fmt == "timm" else moco_v3_checkpoint(state, cfg), out)
     return how_to_load(fmt, out, cfg)

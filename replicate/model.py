@@ -53,20 +53,25 @@ class TokenBatchNorm(nn.Module):
         return self.bn(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
-def build_vit(cfg: RunConfig, num_classes: int = 0, drop_path_rate: float = 0.0) -> nn.Module:
+def timm_vit_kwargs(cfg: RunConfig, num_classes: int = 0) -> dict:
+    """The ``timm.create_model`` arguments of a row's ViT (its shape, pooling and position-embedding switch): the one
+    place ``build_vit`` and the timm export (``replicate.export``) take them from."""
     s = cfg.setting
     pool_args = {
         "cls": dict(class_token=True, global_pool="token", fc_norm=False, final_norm=True),
         "gap_ln": dict(class_token=False, global_pool="avg", fc_norm=False, final_norm=True),
         "gap": dict(class_token=False, global_pool="avg", fc_norm=False, final_norm=False),
     }[s.pooling]
-    vit = timm.create_model(
-        "vit_base_patch16_224", pretrained=False, num_classes=num_classes,
-        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=4.0,
-        pos_embed="none" if s.pos_embed == "none" else "learn", weight_init="moco",
-        drop_path_rate=drop_path_rate, **pool_args,
-    )
+    return dict(model_name="vit_base_patch16_224", num_classes=num_classes, img_size=cfg.image_size,
+                patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=cfg.num_heads, mlp_ratio=4.0, pos_embed="none" if s.pos_embed == "none" else "learn",
+                **pool_args)
+
+
+def build_vit(cfg: RunConfig, num_classes: int = 0, drop_path_rate: float = 0.0) -> nn.Module:
+    s = cfg.setting
+    vit = timm.create_model(pretrained=False, weight_init="moco", drop_path_rate=drop_path_rate,
+                            **timm_vit_kwargs(cfg, num_classes))
     if s.pos_embed == "sincos":
         grid_h, grid_w = vit.patch_embed.grid_size
         table = sincos_2d_position_embedding(grid_h, grid_w, cfg.embed_dim)

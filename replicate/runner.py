@@ -15,7 +15,7 @@ from .instability import summarize
 from .profiles import Profile, get_profile
 from .results import ResultStore, config_changes, provenance
 from .spec import Row, Spec
-from .trainer import pretrain
+from .trainer import PretrainResult, pretrain
 
 
 def log(msg: str) -> None:
@@ -91,6 +91,30 @@ def compute_baselines(profile: Profile, spec: Spec, data_root: str | None) -> di
     }
 
 
+def pretrain_kept(cfg: RunConfig, data_root: str | None, ckpt: Path, kept: Path | None,
+                  progress: bool = True) -> PretrainResult:
+    """``pretrain``, or the finished pretraining kept at ``kept`` by an earlier attempt of this row.
+
+    ImageFolder rows keep their finished pretraining until evaluated: the long linear probe's checkpoint names this
+    exact backbone, so a crash in the probe resumes the probe instead of pretraining again (``pretrain`` does not
+    checkpoint its last steps, and re-running them on a GPU gives other weights)."""
+    from evals.resume import load_state, save_state
+
+    from .checkpoint import config_fingerprint
+    from .moco import SelfSupervisedViT
+
+    tag = config_fingerprint(cfg)
+    saved = load_state(kept, tag) if kept is not None else None
+    if saved is not None:
+        model = SelfSupervisedViT(cfg).to(D.init_from_env())
+        model.load_state_dict(saved.pop("model"))
+        return PretrainResult(model=model, **saved)
+    result = pretrain(cfg, data_root, ckpt, progress)
+    if kept is not None and result.status == "ok":
+        save_state(kept, tag, {**vars(result), "model": result.model.state_dict()})
+    return result
+
+
 def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStore, data_root: str | None,
             progress: bool = True) -> dict:
     cfg = profile.resolve(spec.setting(row), seed=seed)
@@ -103,25 +127,9 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
                                    progress)
         record.update(status="ok", metrics=metrics, curves=None)
     else:
-        from evals.resume import load_state, remove_state, save_state
-
-        from .checkpoint import config_fingerprint
-        from .moco import SelfSupervisedViT
-        from .trainer import PretrainResult
-
         ckpt, folder = store.checkpoint_path(spec.key, row.name, seed), not is_tensor_dataset(cfg.dataset)
-        # ImageFolder rows keep their finished pretraining until evaluated: a crash in the long linear probe then
-        # resumes the probe (whose checkpoint names this exact backbone) instead of pretraining again
-        kept, tag = ckpt.with_suffix(".pretrained.pt"), config_fingerprint(cfg)
-        saved = load_state(kept, tag) if folder else None
-        if saved is not None:
-            model = SelfSupervisedViT(cfg).to(D.init_from_env())
-            model.load_state_dict(saved.pop("model"))
-            result = PretrainResult(model=model, **saved)
-        else:
-            result = pretrain(cfg, data_root, ckpt, progress)
-            if folder and result.status == "ok":
-                save_state(kept, tag, {**vars(result), "model": result.model.state_dict()})
+        kept = ckpt.with_suffix(".pretrained.pt") if folder else None
+        result = pretrain_kept(cfg, data_root, ckpt, kept, progress)
         record.update(status=result.status, diverged_at=result.diverged_at, iterations=result.iterations,
                       pretrain_s=round(result.wall_time_s, 1), curves=result.monitor)
         record["instability"] = summarize(result.monitor)
@@ -132,7 +140,9 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
             metrics = evaluate_backbone(cfg, result.model.backbone, data_root, progress,
                                         probe_ckpt=ckpt.with_suffix(".probe.pt") if folder else None)
         record["metrics"] = metrics if D.is_main() else {}
-        if folder:
+        if kept is not None:
+            from evals.resume import remove_state
+
             remove_state(kept)
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     record.update(wall_time_s=round(time.perf_counter() - t0, 1), config=cfg.model_dump(mode="json"),

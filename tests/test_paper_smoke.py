@@ -40,3 +40,35 @@ def test_table5_runs_on_a_generated_image_folder(tmp_path):
         assert record["config"]["dataset"] == "imagenet" and record["config"]["num_workers"] == 2
         assert record["curves"]["knn_acc"], row.name  # App. A's queue monitor ran during pretraining
     assert not list((store.profile_dir / "ckpt").rglob("*.pt"))  # periodic checkpoints, cleaned up at the end
+
+
+@pytest.mark.smoke  # one paper-smoke row, run three times: ~30 s on one core
+def test_a_crash_in_the_probe_resumes_the_probe_not_the_pretraining(tmp_path, monkeypatch):
+    """An ImageFolder row keeps its finished pretraining until it is evaluated: after a crash in the linear probe,
+    the re-run restores that backbone instead of pretraining again, and scores what an uninterrupted run scores."""
+    import replicate.runner as runner
+    from evals import linear
+
+    data = tmp_path / "data"
+    synthetic_main([str(data), "--train-per-class", "16", "--val-per-class", "4"])
+    (tmp_path / "one.yaml").write_text("id: 94\ntitle: One row\npaper_ref: test\nreference: ref\n"
+                                       "base: {epochs: 300}\nrows:\n  - {name: ref, label: reference}\n")
+    spec = load_spec(tmp_path / "one.yaml")
+
+    def run(results):
+        store = run_table(spec, "paper-smoke", data_root=str(data), results_root=tmp_path / results, progress=False)
+        return json.loads(store.path(spec.key, "ref", 0).read_text())
+
+    uninterrupted = run("a")
+    real_top1 = linear._top1
+    monkeypatch.setattr(linear, "_top1", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # dies in epoch 0
+    with pytest.raises(KeyboardInterrupt):
+        run("b")
+    kept = list((tmp_path / "b").rglob("*.pretrained.pt"))
+    assert len(kept) == 1
+    monkeypatch.setattr(linear, "_top1", real_top1)
+    monkeypatch.setattr(runner, "pretrain", lambda *a, **k: pytest.fail("pretraining ran again"))
+    resumed = run("b")
+    assert resumed["metrics"] == uninterrupted["metrics"]
+    assert resumed["iterations"] == uninterrupted["iterations"]
+    assert not kept[0].exists()  # removed once the row is evaluated
