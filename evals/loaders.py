@@ -133,6 +133,19 @@ def imagenet_linear_loaders(cfg: RunConfig, data_root: str | None) -> tuple[Epoc
             make_loader(val, cfg.linear_batch, False, cfg.num_workers))
 
 
+def imagenet_knn_loaders(cfg: RunConfig, data_root: str | None) -> tuple[EpochLoader, EpochLoader]:
+    """DINO's ``eval_knn.py`` data: train and val both with Resize(256) + CenterCrop(224), in dataset order."""
+    from torchvision.datasets import ImageFolder
+
+    from replicate.augment import eval_pil_transform
+
+    tf = eval_pil_transform(cfg.image_size)
+    train = ImageFolder(str(imagenet_folder(data_root, "train")), transform=tf)
+    val = ImageFolder(str(imagenet_folder(data_root, "val")), transform=tf)
+    return (make_loader(train, cfg.linear_batch, False, cfg.num_workers),
+            make_loader(val, cfg.linear_batch, False, cfg.num_workers))
+
+
 def finetune_transforms(recipe: FinetuneRecipe, image_size: int):
     """(train, test) PIL transforms. With ``recipe.rand_augment`` set: DeiT's ``build_transform`` through timm
     (RandAugment, bicubic, random erasing ``reprob``). Without: the official MoCo v3 ``transfer/datasets.py``,

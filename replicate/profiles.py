@@ -77,7 +77,7 @@ PAPER = Profile(
     name="paper", dataset="imagenet", image_size=224, in_chans=3, num_classes=1000, train_subset=None,
     archs=PAPER_ARCHS, patch_map={16: 16, 14: 14, 7: 7}, head_hidden=4096, head_out=256,
     batch_scale=1.0, lr_scale=1.0, epoch_scale=1.0, crop_min=0.08, blur_sigma=(0.1, 2.0),
-    metrics=("linear",), linear_protocol="paper", linear_epochs=90, linear_batch=1024, linear_base_lr=3.0,
+    metrics=("knn", "linear"), linear_protocol="paper", linear_epochs=90, linear_batch=1024, linear_base_lr=3.0,
     monitor_every=50, checkpoint_every=1000, num_workers=10,
     transfer_targets=("cifar10", "cifar100", "flowers102", "pets"),
     notes="ImageNet-1k, the paper's models and recipe; linear probe as the official main_lincls.py.",
@@ -122,7 +122,7 @@ PAPER_SMOKE = Profile(
     name="paper-smoke", dataset="imagenet", image_size=32, in_chans=3, num_classes=4, train_subset=None,
     archs=SMOKE.archs, patch_map={16: 8, 14: 8, 7: 4}, head_hidden=64, head_out=32,
     batch_scale=1 / 256, lr_scale=40.0, epoch_scale=1 / 150, crop_min=0.2, blur_sigma=(0.1, 0.5),
-    metrics=("linear",), linear_protocol="paper", linear_epochs=2, linear_batch=16, linear_base_lr=3.0,
+    metrics=("knn", "linear"), linear_protocol="paper", linear_epochs=2, linear_batch=16, linear_base_lr=3.0,
     monitor_every=4, checkpoint_every=10, num_workers=2,
     # transfer (table 11) needs a paper-smoke fine-tuning recipe and local targets (evals/finetune.py), not yet there
     transfer_targets=(),

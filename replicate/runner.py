@@ -45,9 +45,10 @@ def score_features(cfg: RunConfig, train_feats, train_labels, test_feats, test_l
 def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress: bool = True,
                       probe_ckpt: Path | None = None) -> dict[str, float]:
     """The profile's metrics for a pretrained backbone (frozen, eval mode). In-memory data: kNN and the cached
-    probe, on the calling process. ImageFolder data: the official linear probe, which every process under torchrun
-    must call (each gets the metrics: ``linear`` after the last epoch, ``linear_best``); it checkpoints every
-    epoch to ``probe_ckpt`` and resumes from it."""
+    probe, on the calling process. ImageFolder data, which every process under torchrun must call (each gets the
+    metrics): kNN on features extracted sharded and gathered (DINO's ``eval_knn.py``; faiss, on the GPU when
+    faiss-gpu is there), and the official linear probe (``linear`` after the last epoch, ``linear_best``), which
+    checkpoints every epoch to ``probe_ckpt`` and resumes from it."""
     from evals.features import extract_features
 
     device = next(backbone.parameters()).device
@@ -57,12 +58,21 @@ def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress:
         fte, yte = extract_features(backbone, test, cfg.dataset, device=device)
         return score_features(cfg, ftr, ytr, fte, yte)
     from evals.linear import linear_probe_paper
-    from evals.loaders import imagenet_linear_loaders
+    from evals.loaders import imagenet_knn_loaders, imagenet_linear_loaders
 
-    train_loader, val_loader = imagenet_linear_loaders(cfg, data_root)
-    return linear_probe_paper(backbone, cfg.embed_dim, cfg.num_classes, train_loader, val_loader,
-                              cfg.linear_epochs, cfg.linear_batch, cfg.linear_base_lr, device, progress,
-                              seed=cfg.seed, ckpt_path=probe_ckpt)
+    out = {}
+    if "knn" in cfg.metrics:
+        from evals.features import extract_loader_features
+        from evals.knn import knn_accuracy
+
+        train, val = (extract_loader_features(backbone, loader, device) for loader in imagenet_knn_loaders(cfg, data_root))
+        out["knn"] = D.broadcast_from_main(knn_accuracy(*train, *val, cfg.knn_k, cfg.knn_t) if D.is_main() else None)
+    if "linear" in cfg.metrics:
+        train_loader, val_loader = imagenet_linear_loaders(cfg, data_root)
+        out.update(linear_probe_paper(backbone, cfg.embed_dim, cfg.num_classes, train_loader, val_loader,
+                                      cfg.linear_epochs, cfg.linear_batch, cfg.linear_base_lr, device, progress,
+                                      seed=cfg.seed, ckpt_path=probe_ckpt))
+    return out
 
 
 def baseline_key(cfg: RunConfig) -> dict:

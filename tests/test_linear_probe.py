@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from evals.linear import linear_probe_paper, train_linear_head
-from evals.loaders import ShardSampler, imagenet_linear_loaders
+from evals.features import extract_loader_features
+from evals.loaders import ShardSampler, imagenet_knn_loaders, imagenet_linear_loaders
 from evals.resume import load_state, save_state
 from replicate.config import Setting
 from replicate.model import build_vit
@@ -74,7 +75,9 @@ def run_probe(folder: str, ckpt: Path | None = None, fixed_crops: bool = False) 
         loader.dataset.loader = record
     fc, accs = train_linear_head(backbone, cfg.embed_dim, cfg.num_classes, train, val, cfg.linear_epochs,
                                  cfg.linear_batch, cfg.linear_base_lr, "cpu", False, seed=cfg.seed, ckpt_path=ckpt)
+    knn_val = imagenet_knn_loaders(cfg, folder)[1]
     return {"fc": {k: v.detach().clone() for k, v in fc.state_dict().items()}, "accs": accs, "seen": seen,
+            "val_features": extract_loader_features(backbone, knn_val), "val_targets": knn_val.dataset.targets,
             "files": {n: sorted(p for p, _ in ld.dataset.samples) for n, ld in (("train", train), ("val", val))}}
 
 
@@ -127,6 +130,12 @@ def test_probe_two_processes_match_one(folder, tmp_path):
         torch.testing.assert_close(ranks[0]["fc"][key], value, rtol=0, atol=1e-6)
     for got, want in zip(ranks[0]["accs"], one["accs"]):
         assert abs(got - want) <= 100 / N_VAL + 1e-9
+    # kNN features, extracted sharded (11 + 10 of the 21 images) and gathered: every process holds all of them, in
+    # dataset order, equal to one process's up to float summation order
+    for r in ranks:
+        feats, labels = r["val_features"]
+        assert feats.shape == (N_VAL, probe_config().embed_dim) and labels.tolist() == one["val_targets"]
+        torch.testing.assert_close(feats, one["val_features"][0], rtol=0, atol=1e-5)
     # not vacuous: training moved the weights far beyond the tolerance
     init = torch.empty_like(one["fc"]["weight"]).normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
     assert (one["fc"]["weight"] - init).abs().max() > 1e-3
