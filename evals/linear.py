@@ -15,6 +15,7 @@ classifier family is the same; it only makes one lr work across backbones). Minu
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,18 @@ from torch import nn
 from replicate import distributed as D
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
+
+PROBE_BF16_ENV = "REPLICATE_PROBE_BF16"
+
+
+def probe_bf16() -> bool:
+    """``$REPLICATE_PROBE_BF16`` (1 or 0, default 0): run the paper probe's frozen-backbone forward in bf16 autocast
+    on CUDA. The official probe is fp32, so that is the default; bf16 is the faster option, and a row records which
+    one it used (``probe_precision``)."""
+    value = os.environ.get(PROBE_BF16_ENV, "0")
+    if value not in ("0", "1"):
+        raise D.LaunchError(f"${PROBE_BF16_ENV} must be 1 or 0 (got {value!r})")
+    return value == "1"
 
 
 def _cosine_lr(base: float, epoch: int, epochs: int) -> float:

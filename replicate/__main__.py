@@ -20,6 +20,7 @@ environment (runtime knobs; they change speed, not what a row means):
   REPLICATE_CPU_MATMUL=bf16|fp32   CPU matmul precision (default: bf16 on CPUs with AMX/AVX512-BF16, else fp32)
   REPLICATE_COMPILE=1|0            torch.compile the ViTs (default: on GPU only)
   REPLICATE_CHECKPOINT_EVERY=N     checkpoint interval in iterations (default: the profile's)
+  REPLICATE_PROBE_BF16=1|0         paper linear probe's backbone forward in bf16 on GPU (default 0: fp32, as official)
   REPLICATE_MALLOC=default         leave glibc's allocator settings alone on CPU
   OMP_WAIT_POLICY                  PASSIVE unless set (idle OpenMP threads sleep: no collapse on a busy machine)
 """
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             raise SpecError(f"--seeds must be at least 1 (got {args.seeds})")
         cpu_matmul_precision()  # a mistyped $REPLICATE_CPU_MATMUL fails here, before any row runs
+        from evals.linear import probe_bf16
+
+        probe_bf16()  # and a mistyped $REPLICATE_PROBE_BF16
         from .runner import run_table
 
         store = run_table(spec, args.profile, args.seeds, args.force, args.data_root, args.results,

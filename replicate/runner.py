@@ -57,7 +57,7 @@ def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress:
         ftr, ytr = extract_features(backbone, train, cfg.dataset, device=device)
         fte, yte = extract_features(backbone, test, cfg.dataset, device=device)
         return score_features(cfg, ftr, ytr, fte, yte)
-    from evals.linear import linear_probe_paper
+    from evals.linear import linear_probe_paper, probe_bf16
     from evals.loaders import imagenet_knn_loaders, imagenet_linear_loaders
 
     out = {}
@@ -71,7 +71,7 @@ def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress:
         train_loader, val_loader = imagenet_linear_loaders(cfg, data_root)
         out.update(linear_probe_paper(backbone, cfg.embed_dim, cfg.num_classes, train_loader, val_loader,
                                       cfg.linear_epochs, cfg.linear_batch, cfg.linear_base_lr, device, progress,
-                                      seed=cfg.seed, ckpt_path=probe_ckpt))
+                                      seed=cfg.seed, amp=probe_bf16(), ckpt_path=probe_ckpt))
     return out
 
 
@@ -150,6 +150,10 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
             metrics = evaluate_backbone(cfg, result.model.backbone, data_root, progress,
                                         probe_ckpt=ckpt.with_suffix(".probe.pt") if folder else None)
         record["metrics"] = metrics if D.is_main() else {}
+        if folder:
+            from evals.linear import probe_bf16
+
+            record["probe_precision"] = "bf16" if probe_bf16() and torch.cuda.is_available() else "fp32"
         if kept is not None:
             from evals.resume import remove_state
 

@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from evals.linear import linear_probe_paper, train_linear_head
 from evals.features import extract_loader_features
+from evals.linear import linear_probe_paper, train_linear_head
 from evals.loaders import ShardSampler, imagenet_knn_loaders, imagenet_linear_loaders
 from evals.resume import load_state, save_state
 from replicate.config import Setting
@@ -268,3 +268,16 @@ def test_finetune_stopped_after_an_epoch_then_resumed_equals_uninterrupted(tmp_p
         assert torch.equal(rest[key], value), key
     assert not ckpt.exists()
     assert not torch.equal(first["model"]["head.weight"], whole["head.weight"])  # not vacuous
+
+
+def test_probe_precision_knob(monkeypatch):
+    from evals.linear import probe_bf16
+    from replicate.distributed import LaunchError
+
+    monkeypatch.delenv("REPLICATE_PROBE_BF16", raising=False)
+    assert probe_bf16() is False  # the official probe is fp32
+    monkeypatch.setenv("REPLICATE_PROBE_BF16", "1")
+    assert probe_bf16() is True
+    monkeypatch.setenv("REPLICATE_PROBE_BF16", "yes")
+    with pytest.raises(LaunchError, match="REPLICATE_PROBE_BF16 must be 1 or 0"):
+        probe_bf16()

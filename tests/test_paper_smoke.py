@@ -39,6 +39,7 @@ def test_table5_runs_on_a_generated_image_folder(tmp_path):
         assert 0.0 <= record["metrics"]["linear"] <= record["metrics"]["linear_best"] <= 100.0, row.name
         assert 0.0 <= record["metrics"]["knn"] <= 100.0, row.name  # features extracted through the eval loaders
         assert record["config"]["dataset"] == "imagenet" and record["config"]["num_workers"] == 2
+        assert record["probe_precision"] == "fp32"  # the official probe's precision, recorded
         assert record["curves"]["knn_acc"], row.name  # App. A's queue monitor ran during pretraining
     assert not list((store.profile_dir / "ckpt").rglob("*.pt"))  # periodic checkpoints, cleaned up at the end
 
