@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from evals.linear import linear_probe_paper, train_linear_head
 from evals.features import extract_loader_features
+from evals.linear import linear_probe_paper, train_linear_head
 from evals.loaders import ShardSampler, imagenet_knn_loaders, imagenet_linear_loaders
 from evals.resume import load_state, save_state
 from replicate.config import Setting
