@@ -38,6 +38,14 @@ from .resume import fingerprint, load_state, remove_state, save_state, state_dig
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
+class FinetuneDiverged(FloatingPointError):
+    """The fine-tuning loss became non-finite; ``step`` is the iteration (a row records it as diverged)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 @dataclass(frozen=True)
 class FinetuneRecipe:
     epochs: int
@@ -207,7 +215,7 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = criterion(ddp(x), y)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at iteration {step}")
+                raise FinetuneDiverged(f"{desc}: loss is {loss.item()} at iteration {step}", step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

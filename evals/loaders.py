@@ -157,6 +157,7 @@ def finetune_transforms(recipe: FinetuneRecipe, image_size: int):
         train = create_transform(image_size, is_training=True, scale=recipe.crop_scale, color_jitter=0.3,
                                  auto_augment=recipe.rand_augment, interpolation="bicubic",
                                  re_prob=recipe.reprob, re_mode="pixel", re_count=1)
+        posterize_zero_bits_as_black(train)
         test = create_transform(image_size, is_training=False, interpolation="bicubic", crop_pct=224 / 256)
         return train, test
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -164,6 +165,27 @@ def finetune_transforms(recipe: FinetuneRecipe, image_size: int):
                        T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     test = T.Compose([T.Resize(int(256 / 224 * image_size)), T.CenterCrop(image_size), T.ToTensor(), normalize])
     return train, test
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, where keeping 0 bits makes the image black, as Pillow did when DeiT ran."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else posterize(img, bits_to_keep, **kwargs)
+
+
+def posterize_zero_bits_as_black(transform) -> None:
+    """DeiT's RandAugment (``inc1``) posterizes to 4 - int(4 x magnitude / 10) bits, i.e. 0 bits at magnitude 10,
+    which m9 with std 0.5 draws about 2% of the time; recent Pillow (13 here) raises on 0 bits, so an ImageNet epoch
+    would crash within seconds, where older Pillow returned a black image. Restores that in ``transform``'s
+    RandAugment."""
+    from timm.data.auto_augment import posterize
+
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):
+            if op.aug_fn is posterize:
+                op.aug_fn = _posterize
 
 
 def imagenet_finetune_loaders(cfg: RunConfig, recipe: FinetuneRecipe, data_root: str | None):

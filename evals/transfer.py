@@ -82,13 +82,26 @@ def supervised_backbone(cfg: RunConfig, data_root: str | None, progress: bool) -
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("head.")}
 
 
+class PretrainingDiverged(RuntimeError):
+    """MoCo v3 pretraining diverged, so there is no backbone to fine-tune; ``at`` is the iteration."""
+
+    def __init__(self, at: int | None):
+        super().__init__(f"MoCo v3 pretraining diverged at iteration {at}; nothing to fine-tune")
+        self.at = at
+
+
 def moco_backbone(cfg: RunConfig, data_root: str | None, ckpt_path: Path | None, progress: bool) -> dict:
     from replicate.trainer import pretrain
 
     result = pretrain(cfg, data_root, ckpt_path, progress)
     if result.status != "ok":
-        raise RuntimeError(f"MoCo v3 pretraining diverged at iteration {result.diverged_at}; nothing to transfer")
+        raise PretrainingDiverged(result.diverged_at)
     return {k: v.detach().cpu() for k, v in result.model.backbone.state_dict().items()}
+
+
+def backbone_cache(ckpt_path: Path | None) -> Path | None:
+    """Where ``initial_backbone`` keeps a row's starting weights until the row is done."""
+    return Path(ckpt_path).with_name(Path(ckpt_path).stem + ".backbone.pt") if ckpt_path else None
 
 
 def initial_backbone(cfg: RunConfig, data_root: str | None, ckpt_path: Path | None, progress: bool) -> dict | None:
@@ -96,7 +109,7 @@ def initial_backbone(cfg: RunConfig, data_root: str | None, ckpt_path: Path | No
     init = cfg.setting.init
     if init == "random":
         return None
-    cache = Path(ckpt_path).with_name(Path(ckpt_path).stem + ".backbone.pt") if ckpt_path else None
+    cache = backbone_cache(ckpt_path)
     if cache is not None and cache.exists():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == config_fingerprint(cfg):
@@ -131,5 +144,5 @@ def run_transfer_row(cfg: RunConfig, profile: Profile, data_root: str | None, ck
                            ft_ckpt)
         out[target] = round(acc, 2)
     if ckpt_path is not None and D.is_main():
-        Path(ckpt_path).with_name(Path(ckpt_path).stem + ".backbone.pt").unlink(missing_ok=True)
+        backbone_cache(ckpt_path).unlink(missing_ok=True)
     return out

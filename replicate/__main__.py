@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Pretrain and evaluate every row of a study. A row whose stored result was "
                                      "made with the config the spec resolves to now is skipped; a row whose "
                                      "config changed is re-run (the log names the changed fields).")
-    run.add_argument("table", help="tableN (1-11), or a path to a spec .yaml")
+    run.add_argument("table", help="tableN (`replicate list` lists them), or a path to a spec .yaml")
     run.add_argument("--profile", default="reduced", metavar="NAME",
                      help=f"scale, one of {profiles}: paper (ImageNet, GPUs), reduced (Fashion-MNIST, CPU minutes "
                           "per row), smoke (seconds per row). Default: reduced")
@@ -94,7 +94,7 @@ def add_export_parser(sub, profiles: str) -> None:
             "official facebookresearch/moco-v3 layout (module.base_encoder.* keys; the heads and the momentum "
             "encoder are not exported).", 116),
         epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    export.add_argument("table", help="tableN (1-11), or a path to a spec .yaml")
+    export.add_argument("table", help="tableN (`replicate list` lists them), or a path to a spec .yaml")
     export.add_argument("row", help="the row's name (replicate show TABLE lists them)")
     export.add_argument("--profile", default="reduced", metavar="NAME", help=f"one of {profiles}. Default: reduced")
     export.add_argument("--seed", type=int, default=0, help="which seed's backbone. Default: 0")

@@ -104,7 +104,7 @@ def estimate(name: str, steps: int = 3) -> dict:
         seconds = 0.0
         for row in spec.rows:
             setting = spec.setting(row)
-            if spec.kind == "transfer" and setting.init != "pretrained":
+            if spec.kind != "pretrain" and setting.init != "pretrained":  # fine-tuned from scratch: no pretraining
                 continue
             cfg = profile.resolve(setting)
             key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)

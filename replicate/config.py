@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-Framework = Literal["mocov3", "simclr", "byol"]
+Framework = Literal["mocov3", "simclr", "byol", "swav"]
 Arch = Literal["vit_small", "vit_base", "vit_large", "vit_huge"]
 
 
@@ -25,7 +25,8 @@ class Setting(Strict):
 
     framework: Framework = Field(
         "mocov3", description="self-supervised method: MoCo v3; SimCLR (no momentum encoder, no predictor); BYOL "
-                              "(no negatives)")
+                              "(no negatives); SwAV (prototypes and Sinkhorn codes, no momentum encoder, no "
+                              "predictor)")
     arch: Arch = Field("vit_base", description="ViT size of the paper's Table 2; a profile maps it to its own width "
                                                "and depth")
     patch_size: Optional[int] = Field(
@@ -39,9 +40,26 @@ class Setting(Strict):
     patch_proj: Literal["random", "learned"] = Field(
         "random", description="patch projection: random = xavier init then frozen (the paper's stability trick); "
                               "learned = trained with the rest")
+    patch_proj_norm: Literal["none", "bn", "wn"] = Field(
+        "none", description="learned patch projection only (Sec. 4.2's other stabilizers): bn = BatchNorm over the "
+                            "patch embeddings' channels right after the projection; wn = WeightNorm of the "
+                            "projection's weight (per output channel)")
+    patch_proj_clip: Optional[float] = Field(
+        None, gt=0, description="learned patch projection only (Sec. 4.2): clip the L2 norm of the projection's "
+                                "gradient (weight and bias together) to this value every step, before the optimizer "
+                                "step; in the trainer's units, the same at every profile; null = no clipping")
+
+    @field_validator("patch_proj_norm", "patch_proj_clip")
+    @classmethod
+    def _needs_learned_patch_proj(cls, value, info: ValidationInfo):
+        # a frozen projection has no gradient to clip, and normalising it is not what Sec. 4.2 tried
+        if value not in ("none", None) and info.data.get("patch_proj") == "random":
+            raise ValueError(f"{info.field_name} applies to a learned patch projection; set patch_proj: learned "
+                             "(random freezes it)")
+        return value
     head_bn: bool = Field(True, description="BatchNorm in every layer of the projector and predictor MLPs")
     predictor: bool = Field(True, description="prediction MLP after the query encoder's projector (MoCo v3, BYOL; "
-                                              "SimCLR never has one)")
+                                              "SimCLR and SwAV never have one)")
     proj_layers: int = Field(3, description="layers of the projection MLP")
     pred_layers: int = Field(2, description="layers of the prediction MLP")
     temperature: float = Field(0.2, description="softmax temperature of the contrastive loss (MoCo v3, SimCLR)")
@@ -61,9 +79,26 @@ class Setting(Strict):
                                          "(reduced: 300 -> 7)")
     warmup_epochs: int = Field(40, description="linear lr warmup, in the paper's epochs; scaled with `epochs` "
                                                "(the same fraction)")
+    # SwAV only (official main_swav.py defaults); the other frameworks ignore these
+    swav_prototypes: int = Field(
+        3000, description="SwAV: number of prototypes K at the paper's batch; a profile scales K with the batch "
+                          "(the batch/K ratio the Sinkhorn equipartition works with, as there is no queue)")
+    swav_temperature: float = Field(0.1, description="SwAV: softmax temperature of the swapped prediction")
+    swav_epsilon: float = Field(0.05, description="SwAV: entropic regularisation epsilon of Sinkhorn-Knopp")
+    sinkhorn_iterations: int = Field(3, description="SwAV: Sinkhorn-Knopp iterations per view")
+    swav_freeze_prototypes_epochs: int = Field(
+        1, description="SwAV: the prototypes get no update for this many of the paper's epochs (official "
+                       "freeze_prototypes_niters, 313 iterations = 1 epoch at batch 4096); scaled with `epochs`")
     init: Literal["pretrained", "random", "supervised"] = Field(
-        "pretrained", description="transfer study only: what the fine-tuned backbone starts from (pretrained = MoCo v3 "
-                                  "pretraining; supervised = trained with labels on the same data; random = none)")
+        "pretrained", description="transfer and fine-tuning studies only: what the fine-tuned backbone starts from "
+                                  "(pretrained = MoCo v3 pretraining; supervised = trained with labels on the same "
+                                  "data, transfer only; random = none, i.e. trained from scratch)")
+    finetune_epochs: Optional[int] = Field(
+        None, description="fine-tuning study only: end-to-end fine-tuning epochs in the paper's units, scaled like "
+                          "`epochs` (a row from scratch trains this long); null = the paper's ViT-B fine-tuning (150)")
+    finetune_drop_path: Optional[float] = Field(
+        None, description="fine-tuning study only: drop path (stochastic depth) rate while fine-tuning; null = the "
+                          "DeiT recipe's (0.1); pretraining never uses drop path")
 
 
 class RunConfig(Strict):
@@ -88,6 +123,8 @@ class RunConfig(Strict):
     patch_size: int
     head_hidden: int
     head_out: int
+    prototypes: int = Field(0, description="SwAV prototypes at this scale: the Setting's swav_prototypes x the "
+                                           "profile's batch scale; 0 for the other frameworks")
     # optimisation
     batch_size: int
     lr: float = Field(description="peak lr = base_lr x lr_scale x batch / 256")

@@ -141,7 +141,10 @@ booleans, integers without a decimal point (`batch_size: 4096`), and numbers wit
 
 A transfer study (`kind: transfer`) lists the paper's datasets in `paper_targets`, and each row's `paper` is a
 mapping of those datasets to numbers (null where the paper gives none), e.g.
-`paper: {{cifar10: 98.9, cifar100: 90.5, flowers102: 97.7, pets: 93.2}}`.
+`paper: {{cifar10: 98.9, cifar100: 90.5, flowers102: 97.7, pets: 93.2}}`. A fine-tuning study (`kind: finetune`,
+`metric: finetune`) fine-tunes each row end to end on the pretraining data's labels: `init: pretrained` rows are
+pretrained first, `init: random` rows train from scratch, and `finetune_epochs` / `finetune_drop_path` set the
+DeiT recipe's length and drop path (`tables/15_finetune.yaml`).
 
 ## Spec: the top-level keys
 

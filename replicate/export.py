@@ -6,7 +6,8 @@ state dict of the online encoder's ViT (timm ``VisionTransformer`` keys, no clas
 ``replicate export`` rewrites it as
 
 - ``timm``: that plain state dict, for ``replicate.model.build_vit(cfg)`` or an equivalent ``timm.create_model``
-  (``timm_create_kwargs``; a ViT-BN backbone has BatchNorm MLP blocks, which only ``build_vit`` builds);
+  (``timm_create_kwargs``; a ViT-BN backbone has BatchNorm MLP blocks, and a BatchNorm / WeightNorm patch
+  projection its own layers and keys, which only ``build_vit`` builds);
 - ``moco-v3``: ``{"state_dict": {"module.base_encoder.<key>": ...}, "epoch": ..., "arch": ...}``, the layout of the
   official ``main_moco.py``, which its ``main_lincls.py`` reads. Only the base encoder's backbone is kept: the
   projector and predictor heads (``module.base_encoder.head``, ``module.predictor``) and the momentum encoder are
@@ -74,6 +75,9 @@ def load_row_backbone(store: ResultStore, spec: Spec, row: str, seed: int) -> tu
     if record.get("status") != "ok":
         raise ResultsError(f"no backbone for {where}: the row {record.get('status')} ({store.path(spec.key, row, seed)})"
                            ", so there is no trained backbone to export")
+    if spec.kind == "finetune" and spec.setting(spec.row(row)).init == "random":
+        raise ResultsError(f"no backbone for {where}: the row trains from scratch (init: random), so it has no "
+                           "pretrained backbone to export")
     if not record.get("backbone") or not path.exists():
         raise ResultsError(f"no backbone for {where}: {path} is missing (the row finished before backbones were kept, "
                            f"or the results were copied without them); run the table first: "
@@ -101,8 +105,10 @@ def moco_v3_checkpoint(state: dict[str, torch.Tensor], cfg: RunConfig) -> dict:
 
 def timm_create_kwargs(cfg: RunConfig) -> dict | None:
     """``timm.create_model`` arguments that build the same ViT as ``build_vit(cfg)`` (None for ViT-BN, whose
-    BatchNorm MLP blocks timm does not build). The sin-cos table is a buffer-like parameter: it loads from the file."""
-    return None if cfg.setting.norm_mlp == "bn" else timm_vit_kwargs(cfg)
+    BatchNorm MLP blocks timm does not build, and for a BatchNorm or WeightNorm patch projection, whose layers and
+    keys are ours). The sin-cos table is a buffer-like parameter: it loads from the file."""
+    s = cfg.setting
+    return None if s.norm_mlp == "bn" or s.patch_proj_norm != "none" else timm_vit_kwargs(cfg)
 
 
 def how_to_load(fmt: str, out: Path, cfg: RunConfig) -> str:
@@ -112,7 +118,8 @@ def how_to_load(fmt: str, out: Path, cfg: RunConfig) -> str:
                 f"{cfg.profile}: {cfg.embed_dim} wide x {cfg.depth} blocks, patch {cfg.patch_size})")
     kwargs = timm_create_kwargs(cfg)
     if kwargs is None:
-        return "ViT-BN backbone: load it into replicate.model.build_vit(cfg) (timm has no BatchNorm MLP blocks)"
+        what = "ViT-BN" if cfg.setting.norm_mlp == "bn" else f"patch_proj_norm {cfg.setting.patch_proj_norm}"
+        return f"{what} backbone: load it into replicate.model.build_vit(cfg) (timm's plain ViT has no such layers)"
     name = kwargs.pop("model_name")
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return (f"timm.create_model({name!r}, {args}, pretrained=True, "

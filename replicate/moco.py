@@ -1,4 +1,5 @@
-"""MoCo v3 (Alg. 1 of the paper), and the SimCLR / BYOL variants that study 4 compares, on one encoder layout.
+"""MoCo v3 (Alg. 1 of the paper), and the SimCLR / BYOL / SwAV variants that studies 4 and 12 compare, on one
+encoder layout (SwAV's prototypes, Sinkhorn and loss: ``swav.py``).
 
 Layout (official ``moco/builder.py``): f_q = backbone -> projector -> predictor; f_k = momentum copy of
 backbone -> projector, with no predictor. The momentum update runs inside ``forward`` before the keys are
@@ -15,6 +16,9 @@ from torch import nn
 from .config import RunConfig
 from .distributed import gather_no_grad, gather_with_grad, rank
 from .model import build_mlp, build_vit
+from .swav import SwAVHead
+
+MOMENTUM_FRAMEWORKS = ("mocov3", "byol")  # a momentum encoder and (optionally) a predictor; SimCLR and SwAV neither
 
 
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,13 +55,16 @@ class SelfSupervisedViT(nn.Module):
     def __init__(self, cfg: RunConfig):
         super().__init__()
         s = cfg.setting
-        self.framework, self.temperature = s.framework, s.temperature
+        self.framework = s.framework
+        self.temperature = s.swav_temperature if s.framework == "swav" else s.temperature
         self.backbone = build_vit(cfg)
         self.projector = build_mlp(s.proj_layers, cfg.embed_dim, cfg.head_hidden, cfg.head_out, bn=s.head_bn)
-        has_predictor = s.predictor and s.framework != "simclr"
+        has_predictor = s.predictor and s.framework in MOMENTUM_FRAMEWORKS
         self.predictor = (build_mlp(s.pred_layers, cfg.head_out, cfg.head_hidden, cfg.head_out, bn=s.head_bn)
                           if has_predictor else nn.Identity())
-        if s.framework != "simclr":
+        if s.framework == "swav":
+            self.swav = SwAVHead(cfg)
+        if s.framework in MOMENTUM_FRAMEWORKS:
             self.momentum_backbone = copy.deepcopy(self.backbone)
             self.momentum_projector = copy.deepcopy(self.projector)
             for p in self.momentum_parameters():
@@ -91,6 +98,8 @@ class SelfSupervisedViT(nn.Module):
         z1, z2 = self.projector(h1), self.projector(h2)
         if self.framework == "simclr":
             return nt_xent_loss(z1, z2, self.temperature), h1.detach()
+        if self.framework == "swav":
+            return self.swav(z1, z2), h1.detach()
         q1, q2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
             self.update_momentum_encoder(m)

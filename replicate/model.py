@@ -4,7 +4,9 @@ Every knob the paper ablates maps to a timm argument or to a small post-construc
 pooling -> ``class_token`` / ``global_pool`` / ``fc_norm`` / ``final_norm``; position embedding -> fixed 2-D
 sin-cos written into ``pos_embed`` (frozen) / timm's learned one / ``pos_embed='none'``; random patch projection
 -> xavier init then ``requires_grad=False`` (the official ``--stop-grad-conv1``); ViT-BN -> each block's ``norm2``
-(the LayerNorm before the MLP) replaced by BatchNorm over tokens.
+(the LayerNorm before the MLP) replaced by BatchNorm over tokens; Sec. 4.2's other stabilizers of a learned patch
+projection -> BatchNorm after it (timm's ``embed_norm_layer``) or WeightNorm of its weight (torch's
+``parametrizations.weight_norm``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import math
 import timm
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
 
 from .config import RunConfig
 
@@ -45,27 +49,29 @@ class TokenBatchNorm(nn.Module):
     more so with bf16 matmuls: docs/code-measurements.md).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):  # device/dtype: timm builds norm layers with them
         super().__init__()
-        self.bn = nn.BatchNorm1d(dim)
+        self.bn = nn.BatchNorm1d(dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
 def timm_vit_kwargs(cfg: RunConfig, num_classes: int = 0) -> dict:
-    """The ``timm.create_model`` arguments of a row's ViT (its shape, pooling and position-embedding switch): the one
-    place ``build_vit`` and the timm export (``replicate.export``) take them from."""
+    """The ``timm.create_model`` arguments of a row's ViT (shape, pooling, position embedding, patch-projection BN):
+    the one place ``build_vit`` and the timm export (``replicate.export``) take them from."""
     s = cfg.setting
     pool_args = {
         "cls": dict(class_token=True, global_pool="token", fc_norm=False, final_norm=True),
         "gap_ln": dict(class_token=False, global_pool="avg", fc_norm=False, final_norm=True),
         "gap": dict(class_token=False, global_pool="avg", fc_norm=False, final_norm=False),
     }[s.pooling]
+    # BN on the patch projection: timm applies it right after the projection, to the flattened (B, N, C) tokens
+    embed_norm = dict(embed_norm_layer=TokenBatchNorm) if s.patch_proj_norm == "bn" else {}
     return dict(model_name="vit_base_patch16_224", num_classes=num_classes, img_size=cfg.image_size,
                 patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim, depth=cfg.depth,
                 num_heads=cfg.num_heads, mlp_ratio=4.0, pos_embed="none" if s.pos_embed == "none" else "learn",
-                **pool_args)
+                **pool_args, **embed_norm)
 
 
 def build_vit(cfg: RunConfig, num_classes: int = 0, drop_path_rate: float = 0.0) -> nn.Module:
@@ -89,10 +95,21 @@ def build_vit(cfg: RunConfig, num_classes: int = 0, drop_path_rate: float = 0.0)
     if s.patch_proj == "random":
         proj.weight.requires_grad = False
         proj.bias.requires_grad = False
+    if s.patch_proj_norm == "wn":  # after the init: g = |v| per output channel, so the initial weight is unchanged
+        weight_norm(proj, "weight", dim=0)
     if s.norm_mlp == "bn":
         for block in vit.blocks:
             block.norm2 = TokenBatchNorm(cfg.embed_dim)
     return vit
+
+
+def patch_projection_weight(vit: nn.Module) -> nn.Parameter:
+    """The parameter holding the patch projection's weight: the weight itself, or under WeightNorm its direction v
+    (same shape; ``proj.weight`` is then recomputed from g and v on every access and has no ``.grad``)."""
+    proj = vit.patch_embed.proj
+    if parametrize.is_parametrized(proj, "weight"):
+        return proj.parametrizations.weight.original1
+    return proj.weight
 
 
 def build_mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int, bn: bool = True, last_bn: bool = True):

@@ -1,8 +1,10 @@
 """The instability monitor (paper App. A and Fig. 4), recorded during pretraining at no extra data pass.
 
 Per iteration: loss, lr, momentum, and the gradient infinity-norm of the first layer (the patch projection, or
-the first block's qkv when the projection is frozen) and of the last block, both absolute and relative to the
-weights' infinity-norm. Stats stay on the device until a flush, so ordinary steps never sync with the host.
+the first block's qkv when the projection is frozen; its direction v under WeightNorm) and of the last block, both
+absolute and relative to the weights' infinity-norm. The gradients are the raw ones, as Fig. 4's: tracked before
+the patch projection's gradient clipping (``patch_proj_clip``), if any. Stats stay on the device until a flush,
+so ordinary steps never sync with the host.
 Every ``monitor_every`` iterations, a kNN accuracy of the backbone's features, one of two ways:
 - held out (``monitor_probe > 0``, in-memory datasets): a fixed probe set of images the run never trains on,
   classified against a fixed bank of pretraining images, both un-augmented, the backbone in eval mode. The value
@@ -24,6 +26,7 @@ from evals.knn import weighted_vote
 
 from .config import RunConfig
 from .data import TensorSplit, channel_stats, monitor_splits
+from .model import patch_projection_weight
 
 SERIES = ("loss", "lr", "momentum", "grad_first", "grad_first_rel", "grad_last", "grad_last_rel")
 
@@ -69,7 +72,7 @@ class TrainingMonitor:
         self.cfg, self.lrs, self.ms = cfg, lrs, ms
         self.held_out = held_out
         backbone = self.backbone = model.backbone
-        proj_w = backbone.patch_embed.proj.weight
+        proj_w = patch_projection_weight(backbone)
         self.first = proj_w if proj_w.requires_grad else backbone.blocks[0].attn.qkv.weight
         self.last = [p for p in backbone.blocks[-1].parameters() if p.requires_grad]
         self.bank_size = max(cfg.batch_size, train_size // 10)

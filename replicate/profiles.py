@@ -63,7 +63,7 @@ class Profile:
             num_classes=self.num_classes, train_subset=self.train_subset,
             crop_min=self.crop_min, blur_sigma=self.blur_sigma,
             embed_dim=dim, depth=depth, num_heads=heads, patch_size=self.patch_map[paper_patch],
-            head_hidden=self.head_hidden, head_out=self.head_out,
+            head_hidden=self.head_hidden, head_out=self.head_out, prototypes=self.prototypes(s),
             batch_size=batch, lr=s.base_lr * self.lr_scale * batch / 256, weight_decay=s.weight_decay,
             epochs=epochs, warmup_epochs=s.warmup_epochs * epochs / s.epochs,
             metrics=self.metrics, linear_protocol=self.linear_protocol, linear_epochs=self.linear_epochs,
@@ -71,6 +71,11 @@ class Profile:
             monitor_every=self.monitor_every, checkpoint_every=self.checkpoint_every,
             num_workers=self.num_workers, monitor_probe=self.monitor_probe, monitor_bank=self.monitor_bank,
         )
+
+    def prototypes(self, s: Setting) -> int:
+        """SwAV's K scaled like the batch: without a queue the Sinkhorn equipartition spreads a batch over the
+        prototypes, so the batch/K ratio (4096/3000 in the paper) is what a smaller batch must keep."""
+        return max(2, round(s.swav_prototypes * self.batch_scale)) if s.framework == "swav" else 0
 
 
 PAPER = Profile(

@@ -88,6 +88,7 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     metrics = metric_keys(spec, records, store.profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     transfer = spec.kind == "transfer"
+    monitored = spec.kind == "pretrain"  # fine-tuning rows have no pretraining monitor curves to summarise
     rows_out = []
     for row in spec.rows:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
@@ -108,13 +109,13 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
             extra = [ours.cell(m) for m in metrics[1:]]
             rows_out.append([label, _fmt(paper_value(spec, row)), "" if is_base else _fmt(pd, True),
                              ours.cell(primary), "" if is_base else _fmt(_delta(ours, base, primary), True), v,
-                             *extra, *_instability_cells(ours)])
+                             *extra, *(_instability_cells(ours) if monitored else [])])
     if transfer:
         headers = ["row", *[f"paper {t}" for t in spec.paper_targets], "paper Δ", *[f"ours {m}" for m in metrics],
                    "ours Δ", "verdict"]
     else:
         headers = ["row", "paper", "paper Δ", f"ours ({metrics[0]})", "ours Δ", "verdict",
-                   *[f"ours ({m})" for m in metrics[1:]], *INSTABILITY_HEADERS]
+                   *[f"ours ({m})" for m in metrics[1:]], *(INSTABILITY_HEADERS if monitored else [])]
     lines = [f"## {spec.name}: {spec.title}", "",
              f"*{spec.paper_ref}* · paper metric: {spec.paper_metric} · profile: **{store.profile}**", ""]
     if spec.claim:
@@ -181,8 +182,11 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
         targets = ", ".join(get_profile(store.profile).transfer_targets)
         lines += [f"Paper Δ: mean over the paper's targets known for both rows. Ours Δ: mean over our targets "
                   f"({targets}). At reduced scale the targets differ from the paper's by design.", ""]
+    if spec.kind == "finetune":
+        lines += [f"Top-1 after end-to-end fine-tuning on the pretraining data's own labels; each row's recipe at this "
+                  f"profile: `replicate show {spec.name} --profile {store.profile}`.", ""]
     base = store.load_baselines()
-    if base and not transfer:
+    if base and spec.kind == "pretrain":  # frozen-feature baselines: what a pretraining study's metrics mean
         px, rb = base["raw_pixels"], base["random_backbone"]
         fmt = ", ".join
         lines += [f"Baselines on the same split ({base['dataset']}, {base['train_images']} train / "

@@ -136,6 +136,12 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
         metrics = run_transfer_row(cfg, profile, data_root, store.checkpoint_path(spec.key, row.name, seed),
                                    progress)
         record.update(status="ok", metrics=metrics, curves=None)
+    elif spec.kind == "finetune":
+        from evals.e2e import run_finetune_row
+
+        # "_backbone": the pretrained ViT (None from scratch), kept by run_table like a pretraining row's
+        record.update(run_finetune_row(cfg, profile, data_root, store, store.checkpoint_path(spec.key, row.name, seed),
+                                       progress))
     else:
         ckpt, folder = store.checkpoint_path(spec.key, row.name, seed), not is_tensor_dataset(cfg.dataset)
         kept = ckpt.with_suffix(".pretrained.pt") if folder else None

@@ -43,12 +43,15 @@ class Spec(BaseModel):
                                              "specs in tables/")
     title: str = Field(description="the study's name: `replicate list` and the rendered table's heading")
     paper_ref: str = Field(description="where the paper reports it (section, table, figure); shown under the heading")
-    kind: Literal["pretrain", "transfer"] = Field(
+    kind: Literal["pretrain", "transfer", "finetune"] = Field(
         "pretrain", description="pretrain: each row is pretrained, then evaluated on frozen features (kNN, linear "
-                                "probe); transfer: each row's backbone is fine-tuned on the profile's targets")
+                                "probe); transfer: each row's backbone is fine-tuned on the profile's targets; "
+                                "finetune: each row is pretrained (unless `init: random`), then fine-tuned end to end "
+                                "on the pretraining data's own labels (metric `finetune`)")
     metric: Literal["linear", "knn", "finetune", "transfer"] = Field(
         "linear", description="the metric the verdict is taken on (the paper's); a pretrain study falls back to the "
-                              "first metric its results carry if they lack it; a transfer study uses its targets")
+                              "first metric its results carry if they lack it; a transfer study uses its targets; a "
+                              "finetune study: `finetune`")
     paper_metric: str = Field("ImageNet linear probing top-1 (%)",
                               description="what the paper's numbers measure, in words; shown under the heading")
     reference: str = Field(description="the row every other row is compared with (unless it names its own `vs`)")
@@ -180,7 +183,38 @@ def load_spec(path: str | Path) -> Spec:
                 line = _one_line(e)
                 hint = f" (allowed: {allowed})" if "unknown key" in line else ""
                 raise SpecError(f"{path}: {where}.{line}{hint}") from None
+    for i, row in enumerate(spec.rows):
+        problem = kind_mismatch(spec, spec.setting(row)) or framework_mismatch(spec.setting(row))
+        if problem:
+            raise SpecError(f"{path}: rows[{i}] ({row.name}): {problem}")
     return spec.model_copy(update={"path": str(path)})
+
+
+FINETUNE_ONLY = ("finetune_epochs", "finetune_drop_path")
+
+
+def kind_mismatch(spec: Spec, setting: Setting) -> str | None:
+    """A row setting a key its study's kind never reads (it would silently change nothing), or None."""
+    if spec.kind != "finetune":
+        stray = [k for k in FINETUNE_ONLY if getattr(setting, k) is not None]
+        if stray:
+            return f"{stray[0]} applies to a `kind: finetune` study only, this one is kind {spec.kind}"
+    elif setting.init == "supervised":
+        return "init supervised is a transfer row; a fine-tuning row starts from `pretrained` or `random` (scratch)"
+    return None
+
+
+SWAV_ONLY = ("swav_prototypes", "swav_temperature", "swav_epsilon", "sinkhorn_iterations",
+             "swav_freeze_prototypes_epochs")
+
+
+def framework_mismatch(setting: Setting) -> str | None:
+    """A row changing a SwAV key without being a SwAV row (the key would silently change nothing), or None."""
+    if setting.framework != "swav":
+        stray = [k for k in SWAV_ONLY if getattr(setting, k) != Setting.model_fields[k].default]
+        if stray:
+            return f"{stray[0]} applies to framework swav only, this row is {setting.framework}"
+    return None
 
 
 def find_spec(name: str) -> Path:

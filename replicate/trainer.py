@@ -1,7 +1,8 @@
 """The one MoCo v3 pretraining loop every row of every study runs.
 
 One iteration (Alg. 1): two augmented views -> loss (momentum update inside the model's forward, as the official
-code) -> AdamW/LAMB/LARS step, with lr and momentum read from per-iteration schedules. Around it: a progress bar,
+code) -> (Sec. 4.2's clipping of the patch projection's gradient, if set) -> AdamW/LAMB/LARS step, with lr and
+momentum read from per-iteration schedules. Around it: a progress bar,
 the instability monitor, atomic checkpoints with automatic resume, and divergence detection.
 
 Distributed (``torchrun``; gloo on CPU, NCCL on GPU): DDP over the online encoder, global-batch BatchNorm
@@ -36,6 +37,7 @@ from .optim import build_optimizer
 from .precision import cpu_bf16_matmuls
 from .schedules import lr_schedule, momentum_schedule
 from .seeding import seed_everything  # noqa: F401 -- also importable from here
+from .swav import drop_prototype_gradients, frozen_prototype_steps
 
 
 @dataclass
@@ -92,10 +94,22 @@ def compute_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, x1: to
     return loss, feats
 
 
+def clip_patch_projection(model: nn.Module, max_norm: float | None) -> None:
+    """Sec. 4.2's gradient clipping: scale the patch projection's gradients (weight and bias, or WeightNorm's g, v
+    and bias) so their joint L2 norm is at most ``max_norm``; the other parameters' gradients are left alone.
+    Under DDP the gradients are already averaged over processes here, so every rank clips the same values."""
+    if max_norm is not None:
+        proj = getattr(model, "module", model).backbone.patch_embed.proj  # through a DDP wrapper
+        nn.utils.clip_grad_norm_(proj.parameters(), max_norm)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
-               momentum: float, lr: float, use_amp: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One whole iteration as ``pretrain`` runs it, without the monitor: ``compute_gradients``, then the update."""
+               momentum: float, lr: float, use_amp: bool, device: torch.device,
+               clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole iteration as ``pretrain`` runs it, without the monitor: ``compute_gradients``, the patch
+    projection's clipping (``clip``: the setting's ``patch_proj_clip``), then the update."""
     loss, feats = compute_gradients(model, optimizer, x1, x2, momentum, lr, use_amp, device)
+    clip_patch_projection(model, clip)
     optimizer.step()
     return loss, feats
 
@@ -266,6 +280,7 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     ipe = batches.iters_per_epoch
     total = cfg.epochs * ipe
     lrs = lr_schedule(cfg.lr, cfg.epochs, cfg.warmup_epochs, ipe)
+    frozen_prototypes = frozen_prototype_steps(cfg, ipe)  # SwAV: no prototype update in the first epoch
     ms = momentum_schedule(cfg.setting.momentum, cfg.epochs, ipe, cfg.setting.momentum_schedule == "cosine")
     every = checkpoint_interval(cfg)
 
@@ -325,6 +340,9 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
                     break
                 bar.set_postfix(loss=f"{monitor.last_loss:.3f}",
                                 knn=f"{monitor.last_knn:.1f}" if monitor.last_knn is not None else "-")
+            clip_patch_projection(model, cfg.setting.patch_proj_clip)  # after the monitor: it records raw gradients
+            if step < frozen_prototypes:
+                drop_prototype_gradients(model)
             optimizer.step()
             done = step + 1
             if ckpt_path is not None and every and done % every == 0 and done < total:

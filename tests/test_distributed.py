@@ -19,11 +19,13 @@ from replicate.trainer import TensorBatches, pretrain, seed_everything
 
 STEPS = 8  # the whole small run: two monitor flushes (kNN monitor, all-reduced loss) and an epoch boundary
 # One mocov3 row with ViT-BN (BN in the blocks and heads, momentum encoder included), SimCLR (negatives
-# gathered with gradient) and BYOL (no gather at all; only SyncBN couples the processes).
+# gathered with gradient), BYOL (no gather at all; only SyncBN couples the processes) and SwAV (Sinkhorn's sums
+# all-reduced over the global batch; prototypes frozen in the first of the two epochs, then trained).
 SETTINGS = {
     "mocov3_vit_bn": Setting(epochs=300, norm_mlp="bn"),
     "simclr": Setting(epochs=300, framework="simclr"),
     "byol": Setting(epochs=300, framework="byol"),
+    "swav": Setting(epochs=300, framework="swav", swav_freeze_prototypes_epochs=150),
 }
 # Float32 sums in a different order: losses agree to ~1e-6 relative, weights to ~3e-7 after eight AdamW steps.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 2e-6

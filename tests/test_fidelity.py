@@ -15,6 +15,7 @@ import timm.optim
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from replicate import trainer
 from replicate.config import RunConfig, Setting
@@ -445,7 +446,7 @@ def test_paper_profile_resolves_to_the_paper_recipe(spec):
         s = spec.setting(row)
         cfg = PAPER.resolve(s)
         where = f"{spec.key}/{row.name}"
-        assert cfg.epochs == (100 if spec.id <= 4 else 300), where
+        assert cfg.epochs == paper_epochs(spec.id, row.name), where
         assert cfg.warmup_epochs == 40 and s.temperature == 0.2, where
         assert cfg.batch_size == paper_batch(spec.id, row.name), where
         assert cfg.lr == pytest.approx(s.base_lr * cfg.batch_size / 256), where
@@ -458,6 +459,8 @@ def test_paper_profile_resolves_to_the_paper_recipe(spec):
         assert s.optimizer == ("lamb" if spec.id == 3 else "adamw"), where
         if spec.id in (1, 2, 3):  # Sec. 4.1 precedes the frozen-projection trick
             assert s.patch_proj == "learned", where
+        elif spec.id == 13:  # stabilizers of a learned projection, against the frozen one
+            assert s.patch_proj == ("random" if row.name == "random" else "learned"), where
         elif spec.id >= 5:
             assert s.patch_proj == "random", where
 
@@ -470,10 +473,16 @@ def test_paper_specific_rows():
     assert all(t3.setting(r).weight_decay == 1e-3 for r in t3.rows)
     t4 = by_name["table4"]
     wd = {t4.setting(r).framework: t4.setting(r).weight_decay for r in t4.rows}
-    assert wd == {"mocov3": 0.1, "simclr": 0.1, "byol": 0.03}
+    assert wd == {"mocov3": 0.1, "simclr": 0.1, "byol": 0.03, "swav": 0.1}
 
 
 # 13. Profile invariance -----------------------------------------------------------------------------------------
+
+def paper_epochs(spec_id: int, row: str) -> int:
+    if spec_id <= 4 or spec_id == 13:  # Sec. 4's 100-epoch studies; 13 is Sec. 4.2's stabilizers at Fig. 5's setting
+        return 100
+    return 600 if spec_id == 14 and row.endswith("600ep") else 300
+
 
 def built_switches(cfg: RunConfig) -> dict:
     """The row's switches as the *built* model and optimizer realise them (not as the config says)."""
@@ -486,6 +495,8 @@ def built_switches(cfg: RunConfig) -> dict:
         "pooling": "cls" if vit.cls_token is not None else ("gap_ln" if isinstance(vit.norm, nn.LayerNorm)
                                                              else "gap"),
         "patch_proj": "learned" if vit.patch_embed.proj.weight.requires_grad else "random",
+        "patch_proj_norm": ("bn" if isinstance(vit.patch_embed.norm, TokenBatchNorm)
+                            else "wn" if parametrize.is_parametrized(vit.patch_embed.proj) else "none"),
         "norm_mlp": "bn" if has_bn(vit.blocks) else "ln",
         "head_bn": has_bn(model.projector),
         "predictor": not isinstance(model.predictor, nn.Identity),
@@ -496,10 +507,12 @@ def built_switches(cfg: RunConfig) -> dict:
 
 def declared_switches(s: Setting) -> dict:
     optimizer = {"adamw": torch.optim.AdamW, "lamb": timm.optim.Lamb, "lars": timm.optim.Lars}[s.optimizer]
-    return {"framework": s.framework, "temperature": s.temperature,
-            "pos_embed": s.pos_embed, "pooling": s.pooling, "patch_proj": s.patch_proj, "norm_mlp": s.norm_mlp,
-            "head_bn": s.head_bn, "predictor": s.predictor and s.framework != "simclr",
-            "momentum_encoder": s.framework != "simclr", "optimizer": optimizer}
+    momentum_encoder = s.framework in ("mocov3", "byol")  # SimCLR and SwAV: no momentum encoder, no predictor
+    return {"framework": s.framework, "temperature": s.swav_temperature if s.framework == "swav" else s.temperature,
+            "pos_embed": s.pos_embed, "pooling": s.pooling, "patch_proj": s.patch_proj,
+            "patch_proj_norm": s.patch_proj_norm, "norm_mlp": s.norm_mlp,
+            "head_bn": s.head_bn, "predictor": s.predictor and momentum_encoder,
+            "momentum_encoder": momentum_encoder, "optimizer": optimizer}
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.kind == "pretrain"], ids=lambda s: s.key)

@@ -30,6 +30,8 @@ def test_table_runs_at_smoke_and_renders(spec, results_root):
         if spec.kind == "transfer" and spec.setting(row).init == "pretrained":  # above chance: 20% (5 classes)
             assert list(record["metrics"]) == list(SMOKE.transfer_targets)
             assert all(v > 20.0 for v in record["metrics"].values()), record["metrics"]
+        if spec.kind == "finetune" and record["status"] == "ok":  # top-1 after fine-tuning on the pretraining labels
+            assert list(record["metrics"]) == ["finetune"]
     assert not list((store.profile_dir / "ckpt" / spec.key).rglob("*.pt"))  # checkpoints cleaned up
     text = render_table(spec, store, write=True)
     assert (store.profile_dir / f"{spec.key}.md").exists()

@@ -320,7 +320,7 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
         total_s, iters, how = 0.0, 0, set()
         for row in spec.rows:
             setting = spec.setting(row)
-            if spec.kind == "transfer" and setting.init != "pretrained":
+            if spec.kind != "pretrain" and setting.init != "pretrained":
                 continue  # random / supervised inits need no self-supervised pretraining
             cfg = REDUCED.resolve(setting)
             ips, src = images_per_s(cfg)
@@ -329,7 +329,7 @@ def table_estimates(measured: dict[int, float], knn_s: float, achieved_flops: fl
             total_s += n_iter * cfg.batch_size / ips
             total_s += FMNIST_EVAL_IMAGES * flops(cfg)["forward"] / achieved_flops + knn_s  # features + kNN
             iters += n_iter
-        note = "pretraining of the MoCo v3 row only; fine-tuning not included" if spec.kind == "transfer" else ""
+        note = "pretraining of the MoCo v3 rows only; fine-tuning not included" if spec.kind != "pretrain" else ""
         if "timed" in how:
             note = "bigger models timed directly"
         measured_min, cpus = measured_table_minutes(spec, precision)
