@@ -112,7 +112,7 @@ def add_evaluate_parser(sub, profiles: str) -> None:
                          "protocols",
         description=textwrap.fill(
             "Evaluate a ViT checkpoint with a profile's protocols: kNN and linear probe on frozen features (reduced, "
-            "smoke) or the paper's linear probe (paper). Accepts the official moco-v3 checkpoint "
+            "smoke) or kNN and the paper's linear probe (paper). Accepts the official moco-v3 checkpoint "
             "(module.base_encoder.*; heads, momentum encoder and predictor dropped), a timm ViT state dict (plain "
             "or under state_dict/model) or a row's seed<K>.backbone.pt. Prints the metrics; rank 0 writes "
             "<results>/<profile>/evaluations/<checkpoint name>.<sha256[:8]>.json.", 116),

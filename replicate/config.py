@@ -71,12 +71,12 @@ class Setting(Strict):
                               "at `momentum`")
     optimizer: Literal["adamw", "lamb", "lars"] = Field(
         "adamw", description="AdamW (the paper's), LAMB or LARS (timm's implementations)")
-    batch_size: int = Field(4096, description="global batch in the paper's units; a profile scales it (reduced: / 16)")
+    batch_size: int = Field(4096, description="global batch in the paper's units; a profile scales it (reduced: / 32)")
     base_lr: float = Field(1.5e-4, description="base learning rate: peak lr = base_lr x batch_size / 256 (times the "
                                                "profile's lr factor)")
     weight_decay: float = Field(0.1, description="the optimizer's weight decay")
     epochs: int = Field(300, description="pretraining epochs in the paper's units; a profile scales them "
-                                         "(reduced: 300 -> 7)")
+                                         "(reduced: 300 -> 10)")
     warmup_epochs: int = Field(40, description="linear lr warmup, in the paper's epochs; scaled with `epochs` "
                                                "(the same fraction)")
     # SwAV only (official main_swav.py defaults); the other frameworks ignore these

@@ -82,7 +82,8 @@ class SwAVHead(nn.Module):
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         """Cosine similarities of the samples to the prototypes, in fp32 (see the module docstring)."""
-        with torch.autocast(z.device.type, enabled=False):
+        # (the bench counts FLOPs on the meta device, which has no autocast of its own)
+        with torch.autocast(z.device.type if z.device.type in ("cpu", "cuda") else "cpu", enabled=False):
             return self.prototypes(F.normalize(z.float(), dim=1))
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
