@@ -459,7 +459,9 @@ def render(res: dict) -> str:
            ("Full MoCo v3 steps (two views through `TwoViewBatchAugment`, query fwd+bwd, momentum update and key "
            "fwd, AdamW step) of `SelfSupervisedViT` on synthetic in-memory images, in the trainer's precision "
            f"({LABELS[res['precision']]})."), ""]
-    rows = [["reduced ViT 128x4 /7, 28² gray", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}",
+    ref = reduced_config()
+    ref_name = f"ViT {ref.embed_dim}x{ref.depth} /{ref.patch_size}"
+    rows = [[f"reduced {ref_name}, {ref.image_size}² gray", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}",
              f"{r['warmup_s']:.1f}"] for r in res["reduced"]]
     if "vitb" in res:
         v = res["vitb"]
@@ -580,7 +582,7 @@ def render(res: dict) -> str:
 
     md += ["## 7. Time of the reduced tables (one seed)", "",
            f"Estimated: iterations = epochs x ({FMNIST_TRAIN_IMAGES} // batch) from `REDUCED.resolve` for each row; "
-           "rows with the reference model (ViT 128x4 /7) take its measured images/s (§1) scaled by FLOPs/image, "
+           f"rows with the reference model ({ref_name}) take its measured images/s (§1) scaled by FLOPs/image, "
            "rows with another model (ViT-S/L/H, /4 patches, ViT-BN) are timed directly; plus feature extraction of "
            f"{FMNIST_EVAL_IMAGES} images at the achieved FLOP/s and one kNN. Linear probes are not included. "
            "Measured: the wall time of seed 0 of every row in committed results pretrained in the trainer's "
