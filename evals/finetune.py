@@ -31,7 +31,7 @@ from replicate.config import RunConfig
 from replicate.data import TensorSplit, channel_stats
 from replicate.model import build_vit
 from replicate.schedules import lr_schedule
-from replicate.seeding import seed_everything
+from replicate.seeding import augment_seed, epoch_seed, seed_everything
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
 
@@ -130,9 +130,9 @@ class TensorEpochs:
         return len(self.labels) // self.batch
 
     def epoch(self, epoch: int):
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         perm = torch.randperm(len(self.labels), generator=g)
-        ga = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + epoch)
+        ga = torch.Generator(device=self.device).manual_seed(augment_seed(self.seed, epoch))
         for i in range(len(self)):
             idx = perm[i * self.batch: (i + 1) * self.batch].to(self.device)
             x = self.augment.normalize(self.augment.crop_flip(self.images[idx], ga))

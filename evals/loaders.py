@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from replicate import distributed as D
 from replicate.config import RunConfig
 from replicate.data import DataError, imagenet_folder
+from replicate.seeding import epoch_seed
 
 if TYPE_CHECKING:
     from evals.finetune import FinetuneRecipe
@@ -39,7 +40,7 @@ TRANSFER_DATASETS = {
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    return (seed * 100003 + epoch) * 1009 + rank
+    return epoch_seed(seed, epoch) * 1009 + rank
 
 
 class ShardSampler(Sampler[int]):

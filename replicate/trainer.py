@@ -36,7 +36,7 @@ from .monitor import HeldOutKnn, TrainingMonitor
 from .optim import build_optimizer
 from .precision import cpu_bf16_matmuls
 from .schedules import lr_schedule, momentum_schedule
-from .seeding import seed_everything  # noqa: F401 -- also importable from here
+from .seeding import augment_seed, epoch_seed, seed_everything  # noqa: F401 -- seed_everything re-exported
 from .swav import drop_prototype_gradients, frozen_prototype_steps
 
 
@@ -141,9 +141,9 @@ class TensorBatches:
         train on different views than a 1-process run).
         """
         epoch, i = divmod(step, self.iters_per_epoch)
-        perm = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+        perm = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch)))
         idx = perm[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size].to(self.device)
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 7919 + step)
+        g = torch.Generator(device=self.device).manual_seed(augment_seed(self.cfg.seed, step))
         x1, x2 = self.augment(self.images[idx], g)
         mine = slice(D.rank() * self.local_batch, (D.rank() + 1) * self.local_batch)
         return x1[mine], x2[mine], self.labels[idx][mine]
@@ -215,7 +215,7 @@ class FolderBatches:
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(image indices, crop seeds) of the epoch's global order, drop_last: the same on every rank."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch))
         n = self.iters_per_epoch * self.cfg.batch_size
         perm = torch.randperm(len(self.ds), generator=g)[:n]
         seeds = torch.randint(0, 2**63 - 1, (n,), generator=g)
@@ -243,7 +243,7 @@ class FolderBatches:
 
     def batch(self, step: int):
         c1, c2, y = self.crops(step)
-        g = torch.Generator(device=self.device).manual_seed((self.cfg.seed * 7919 + step) * 1024 + D.rank())
+        g = torch.Generator(device=self.device).manual_seed(augment_seed(self.cfg.seed, step) * 1024 + D.rank())
         return (*self.augment.from_crops(c1, c2, g, self.device), y.to(self.device, non_blocking=True))
 
 
