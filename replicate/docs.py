@@ -7,7 +7,8 @@ Writes two things that must never drift from the code and the committed results:
 - the results block of ``README.md`` (between ``<!-- results:start -->`` and ``<!-- results:end -->``): one line
   per study with the verdicts of its rendered table (``replicate.render.verdict_summary``) at the reduced profile;
 - the blocks of ``docs/reduced-scale.md`` measured from committed runs: every calibration run
-  (``calibration``, ``replicate.calibrate.report``) and the instability target on the reduced results
+  (``calibration``, ``replicate.calibrate.report``), the studies re-run with the current profile, row by row
+  (``studies``, ``replicate.render.rerun_report``), and the instability target on the reduced results
   (``instability``, ``replicate.calibrate.instability_report``).
 
 ``--check`` writes nothing and exits 1 if either is out of date (the tests run it).
@@ -189,8 +190,10 @@ def readme_with_results(readme: str, profile: str = README_PROFILE) -> str:
 def reduced_doc(text: str) -> str:
     """docs/reduced-scale.md with its measured blocks regenerated from the committed runs."""
     from .calibrate import instability_report, report
+    from .render import rerun_report
 
     text = with_block(text, "calibration", report(), REDUCED_DOC.name)
+    text = with_block(text, "studies", rerun_report(README_PROFILE), REDUCED_DOC.name)
     return with_block(text, "instability", instability_report(), REDUCED_DOC.name)
 
 

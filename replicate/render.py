@@ -229,6 +229,47 @@ def row_verdicts(spec: Spec, store: ResultStore) -> list[tuple[Row, str, int]]:
     return out
 
 
+def rerun_report(profile: str = "reduced", results: str | Path | None = None) -> str:
+    """Every row holding results made with the config its spec resolves to now: its number over seeds, our and the
+    paper's delta and the verdict (as ``render_table``; only once its baseline row is current too) and the kNN dips
+    of each seed; then the rows not yet (re-)run. The per-row view of the README's verdict counts, for
+    docs/reduced-scale.md."""
+    from .instability import record_summary
+
+    store = ResultStore(results, profile)
+    lines = ["| study | row | ours (seeds) | ours Δ | paper Δ | verdict | kNN dips per seed |",
+             "|---|---|---|---|---|---|---|"]
+    pending = []
+    for spec in all_specs():
+        records = store.table_records(spec.key)
+        stale = stale_rows(spec, records, profile)
+        current = {r.name for r in spec.rows if records.get(r.name) and r.name not in stale}
+        missing = [r.name for r in spec.rows if r.name not in current]
+        if missing:
+            pending.append(f"{spec.name} ({len(missing)} of {len(spec.rows)}"
+                           + (f": {', '.join(missing)})" if current else ")"))
+        verdicts = {row.name: v for row, v, _ in row_verdicts(spec, store)}
+        metrics = metric_keys(spec, records, profile)
+        for row in spec.rows:
+            if row.name not in current:
+                continue
+            base_row = spec.baseline_of(row)
+            ours, base = RowStats(records[row.name]), RowStats(records.get(base_row.name, []))
+            is_base, base_ok = row.name == base_row.name, base_row.name in current
+            if spec.kind == "transfer":
+                cell, d = " / ".join(ours.cell(m) for m in metrics), _mean_delta(ours, base, metrics)
+            else:
+                cell, d = f"{ours.cell(metrics[0])} {metrics[0]}", _delta(ours, base, metrics[0])
+            v = "reference" if is_base else verdicts[row.name] if base_ok else f"({base_row.name} not re-run yet)"
+            dips = [(record_summary(r) or {}).get("knn", {}).get("n_dips") for r in ours.records]
+            dips_cell = DASH if spec.kind != "pretrain" or None in dips else ", ".join(map(str, dips))
+            deltas = ["", ""] if is_base else [_fmt(d, True) if base_ok else DASH, _fmt(paper_delta(spec, row), True)]
+            lines.append(f"| {spec.name} | {row.label} | {cell} | {' | '.join(deltas)} | {v} | {dips_cell} |")
+    if pending:
+        lines += ["", "Rows not yet (re-)run with the current profile, per study: " + ", ".join(pending) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def verdict_summary(profile: str = "reduced", results: str | Path | None = None) -> str:
     """One markdown line per study: how many compared rows reproduce the paper's effect, are within noise or go the
     opposite way (the verdicts of ``render_table``), how many have no verdict, and the seeds per row. Links point

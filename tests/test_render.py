@@ -49,3 +49,26 @@ def test_rendered_table_says_how_its_runs_multiplied(tmp_path):
                                         "provenance": {"precision": "bf16 matmul, fp32 accumulate"}})
     text = render_table(spec, store)
     assert "Pretraining precision: bf16 matmul, fp32 accumulate (2 runs), fp32 (1 run)" in text
+
+
+def test_rerun_report_lists_current_rows_and_what_is_left(tmp_path):
+    from replicate.profiles import SMOKE
+    from replicate.render import rerun_report
+
+    spec = load_spec(find_spec("table8"))
+    store = ResultStore(tmp_path, "smoke")
+
+    def save(row, seed, value, **changed):
+        config = SMOKE.resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json") | changed
+        store.save(spec.key, row, seed, {"status": "ok", "seed": seed, "config": config, "metrics": {"linear": value}})
+
+    for seed, (a, b) in enumerate([(80.0, 78.0), (81.0, 78.5), (80.5, 77.5)]):
+        save("with_pred", seed, a)
+        save("no_pred", seed, b, epochs=999)  # made with another profile: stale, not shown
+    text = rerun_report("smoke", tmp_path)
+    assert "| table8 | w/ pred. MLP | 80.5 ± 0.5 (n=3) linear |  |  | reference | — |" in text
+    assert "w/o pred" not in text and "table8 (1 of 2: no_pred)" in text
+    for seed, b in enumerate([78.0, 78.5, 77.5]):
+        save("no_pred", seed, b)
+    line = next(ln for ln in rerun_report("smoke", tmp_path).splitlines() if "w/o pred" in ln)
+    assert "| -2.5 | -1.0 | reproduces" in line and "table8 (" not in rerun_report("smoke", tmp_path)
