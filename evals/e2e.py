@@ -29,6 +29,7 @@ import torch
 from replicate import distributed as D
 from replicate.config import RunConfig, Setting
 from replicate.data import is_tensor_dataset, load_tensor_dataset, pretraining_split
+from replicate.precision import training_precision
 from replicate.profiles import Profile
 from replicate.results import ResultStore
 from replicate.spec import FINETUNE_ONLY
@@ -71,7 +72,8 @@ def reused_pretraining(store: ResultStore, pcfg: RunConfig) -> tuple[dict | None
     backbone file (any study of this profile; on in-memory data it is the same run bit for bit), else (None, None)."""
     found = None
     if D.is_main():
-        twin = store.find_same_run(pcfg.model_dump(mode="json"))
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a twin pretrained as this machine would pretrain
+        twin = store.find_same_run(pcfg.model_dump(mode="json"), training_precision(device))
         if twin is not None and twin.get("backbone"):
             path = store.backbone_path(twin["table"], twin["row"], twin["seed"])
             if path.exists():

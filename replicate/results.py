@@ -32,6 +32,12 @@ class ResultsError(RuntimeError):
     pass
 
 
+def record_precision(record: dict) -> str:
+    """How a stored run's pretraining multiplied, in words (``precision.LABELS``; results from before provenance
+    recorded it ran in fp32 on CPUs)."""
+    return record.get("provenance", {}).get("precision", "fp32")
+
+
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -209,12 +215,12 @@ class ResultStore:
                 continue
         return out
 
-    def find_same_run(self, config: dict) -> dict | None:
+    def find_same_run(self, config: dict, precision: str | None = None) -> dict | None:
         """A finished (status ok) pretraining record of this profile whose config equals ``config``, from any table.
 
         Studies share runs: every Sec. 6 ablation's reference row is the same ViT-B, 300-epoch default recipe. Such
         a row is the same experiment (on in-memory data bit for bit: tests/test_runner.py), so it is copied, not
-        trained again."""
+        trained again. ``precision``: only a run that multiplied that way (``record_precision``)."""
         for f in sorted(self.profile_dir.glob("*/*/seed*.json")):
             try:
                 rec = json.loads(f.read_text())
@@ -222,7 +228,8 @@ class ResultStore:
                 continue
             # a transfer row stores its pretraining config too, but its metrics are fine-tuning accuracies
             if (rec.get("status") == "ok" and not config_changes(rec.get("config"), config)
-                    and set(rec.get("metrics") or ()) == set(config["metrics"])):
+                    and set(rec.get("metrics") or ()) == set(config["metrics"])
+                    and precision in (None, record_precision(rec))):
                 return rec
         return None
 

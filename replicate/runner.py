@@ -12,8 +12,9 @@ from . import distributed as D
 from .config import RunConfig, Setting
 from .data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from .instability import summarize
+from .precision import CHOICES, LABELS, training_precision
 from .profiles import Profile, get_profile
-from .results import ResultStore, config_changes, provenance
+from .results import ResultsError, ResultStore, config_changes, provenance, record_precision
 from .spec import Row, Spec
 from .trainer import PretrainResult, pretrain
 
@@ -181,6 +182,28 @@ def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
         imagenet_folder(data_root, "train"), imagenet_folder(data_root, "val")
 
 
+def check_precision(spec: Spec, profile: Profile, store: ResultStore, precision: str) -> None:
+    """Refuse to add runs that multiply in ``precision`` to a study whose current rows multiplied otherwise: a
+    study's deltas must not mix bf16 and fp32 pretraining (a CPU with native bf16 defaults to bf16 matmuls,
+    replicate/precision.py)."""
+    records = store.table_records(spec.key)
+    other = {}
+    for row in spec.rows:
+        for rec in records.get(row.name, []):
+            now = profile.resolve(spec.setting(row), seed=rec.get("seed", 0)).model_dump(mode="json")
+            if rec.get("config") is not None and not config_changes(rec["config"], now) \
+                    and record_precision(rec) != precision:
+                other.setdefault(record_precision(rec), []).append(f"{row.name}/seed{rec.get('seed', 0)}")
+    if other:
+        theirs, runs = next(iter(other.items()))
+        hint = next((f"REPLICATE_CPU_MATMUL={k} " for k, v in LABELS.items() if v == theirs and k in CHOICES), "")
+        raise ResultsError(
+            f"{store.profile_dir / spec.key}: {len(runs)} stored run(s) ({', '.join(runs[:3])}"
+            f"{', ...' if len(runs) > 3 else ''}) pretrained in {theirs}, this machine would pretrain in "
+            f"{precision}: a study must not mix them. Run with {hint or 'the same precision '}to match, or --force to "
+            f"re-run every row here")
+
+
 def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bool = False, data_root: str | None = None,
               results_root=None, progress: bool = True, keep_stale: bool = False) -> ResultStore:
     """Run every (row, seed) that has no current result. A stored result is current while its resolved config
@@ -189,9 +212,12 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bo
     profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     store = ResultStore(results_root, profile.name)
+    precision = training_precision("cuda" if torch.cuda.is_available() else "cpu")
     if D.is_main():
         store.check_writable()
         check_inputs(spec, profile, data_root)
+        if not force:
+            check_precision(spec, profile, store, precision)
         store.claim(spec.key, spec.source)
     baselines = store.load_baselines() if D.is_main() else None
     now = baseline_key(profile.resolve(spec.setting(spec.row(spec.reference))))
@@ -219,7 +245,8 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bo
                     log(f"{head}: config changed since the stored result ({'; '.join(changes)}): re-running")
             if D.broadcast_from_main(skip):
                 continue
-            twin = (store.find_same_run(config) if spec.kind == "pretrain" and not force and D.is_main() else None)
+            reuse = spec.kind == "pretrain" and not force and D.is_main()
+            twin = store.find_same_run(config, precision) if reuse else None
             if D.broadcast_from_main(twin is not None):
                 if D.is_main():
                     source = twin.get("reused_from") or f"{twin['table']}/{twin['row']}/seed{twin['seed']}"

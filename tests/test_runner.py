@@ -4,6 +4,7 @@ import json
 import pytest
 
 import replicate.runner
+from replicate.precision import training_precision
 from replicate.results import ResultsError, ResultStore
 from replicate.spec import load_spec
 
@@ -66,7 +67,8 @@ def fake_run_row(trained):
         trained.append(row.name)
         cfg = profile.resolve(spec.setting(row), seed=seed)
         return {"table": spec.key, "row": row.name, "seed": seed, "profile": profile.name, "status": "ok",
-                "metrics": {"knn": 50.0, "linear": 60.0}, "wall_time_s": 0.0, "config": cfg.model_dump(mode="json")}
+                "metrics": {"knn": 50.0, "linear": 60.0}, "wall_time_s": 0.0, "config": cfg.model_dump(mode="json"),
+                "provenance": {"precision": training_precision("cpu")}}
     return run_row
 
 
@@ -94,6 +96,31 @@ def test_a_row_reruns_when_its_resolved_config_changed(tmp_path, monkeypatch, ca
     assert "config changed" in err and "setting.base_lr: 0.00015 -> 0.0005" in err
     stored = json.loads(ResultStore(results, "smoke").path(edited.key, "ref", 0).read_text())
     assert stored["config"]["setting"]["base_lr"] == 5.0e-4
+
+
+def test_a_study_never_mixes_bf16_and_fp32_pretraining(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    results = tmp_path / "results"
+    spec = write_spec(tmp_path / "mix.yaml", 5, "  - {name: ref, label: reference}\n  - {name: other, label: other, "
+                                                "set: {momentum: 0.9}}\n")
+    monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
+    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    store = ResultStore(results, "smoke")
+    store.path(spec.key, "other", 0).unlink()  # one row left to run, now on a machine that defaults to bf16
+    monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")
+    with pytest.raises(ResultsError, match="ref/seed0.*in fp32, .*REPLICATE_CPU_MATMUL=fp32 to match"):
+        replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    assert trained == ["ref", "other"]
+    # ... nor reuses a run of another study that multiplied otherwise
+    assert store.find_same_run(json.loads(store.path(spec.key, "ref", 0).read_text())["config"],
+                               "bf16 matmul, fp32 accumulate") is None
+    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False, force=True)  # all rows in bf16
+    assert trained == ["ref", "other", "ref", "other"]
+    monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
+    with pytest.raises(ResultsError, match="in bf16 matmul, fp32 accumulate, this machine would pretrain in fp32"):
+        replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
 
 
 def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
