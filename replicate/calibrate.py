@@ -161,17 +161,14 @@ def current_records(ref: str, profile: str = "reduced", results_root: Path | Non
     """The seed records of ``ref`` ('table1:bs4096') made with the config the spec resolves to now (stale ones and
     failed ones left out), by seed."""
     from .profiles import get_profile
-    from .results import ResultStore, config_changes
+    from .results import ResultStore, is_current
     from .spec import find_spec, load_spec
 
     table, _, name = ref.partition(":")
     spec = load_spec(find_spec(table))
-    row = spec.row(name)
-    out = []
-    for rec in ResultStore(results_root, profile).table_records(spec.key).get(name, []):
-        now = get_profile(profile).resolve(spec.setting(row), seed=rec["seed"]).model_dump(mode="json")
-        if rec.get("status") == "ok" and not config_changes(rec.get("config"), now):
-            out.append(rec)
+    row, prof = spec.row(name), get_profile(profile)
+    out = [rec for rec in ResultStore(results_root, profile).table_records(spec.key).get(name, [])
+           if rec.get("status") == "ok" and is_current(rec, spec, row, prof)]
     return sorted(out, key=lambda r: r["seed"])
 
 

@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from .atomic import atomic_write_text
 from .profiles import PROFILES, get_profile
-from .results import ResultStore, config_changes
+from .results import ResultStore, config_changes, is_current
 from .spec import Row, Spec, all_specs
 from .stats import DASH, RowStats, _delta, _mean_delta, metric_keys, paper_delta
 
@@ -72,12 +72,9 @@ def stale_rows(spec: Spec, records: dict[str, list[dict]], profile: str) -> dict
     out = {}
     for row in spec.rows:
         for rec in records.get(row.name, []):
-            if rec.get("config") is None:
-                continue
-            now = PROFILES[profile].resolve(spec.setting(row), seed=rec.get("seed", 0)).model_dump(mode="json")
-            changes = config_changes(rec["config"], now)
-            if changes:
-                out[row.name] = changes
+            if rec.get("config") is not None and not is_current(rec, spec, row, PROFILES[profile]):
+                now = PROFILES[profile].resolve(spec.setting(row), seed=rec.get("seed", 0)).model_dump(mode="json")
+                out[row.name] = config_changes(rec["config"], now)
                 break
     return out
 

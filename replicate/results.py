@@ -61,6 +61,13 @@ def _field_defaults() -> dict:
     return out
 
 
+def is_current(record: dict, spec, row, profile) -> bool:
+    """Whether a stored run was made with the config that ``row`` of ``spec`` resolves to now under ``profile`` (a
+    ``Profile``); a record without a stored config is not."""
+    now = profile.resolve(spec.setting(row), seed=record.get("seed", 0)).model_dump(mode="json")
+    return record.get("config") is not None and not config_changes(record["config"], now)
+
+
 def config_changes(stored: dict | None, current: dict) -> list[str]:
     """How a record's stored config differs from the current one, as 'field: old -> new' (empty: same run).
     A field missing from the record counts as its default (the record predates the field)."""

@@ -14,7 +14,7 @@ from .data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from .instability import summarize
 from .precision import CHOICES, LABELS, training_precision
 from .profiles import Profile, get_profile
-from .results import ResultsError, ResultStore, config_changes, provenance, record_precision
+from .results import ResultsError, ResultStore, config_changes, is_current, provenance, record_precision
 from .spec import Row, Spec
 from .trainer import PretrainResult, pretrain
 
@@ -190,9 +190,7 @@ def check_precision(spec: Spec, profile: Profile, store: ResultStore, precision:
     other = {}
     for row in spec.rows:
         for rec in records.get(row.name, []):
-            now = profile.resolve(spec.setting(row), seed=rec.get("seed", 0)).model_dump(mode="json")
-            if rec.get("config") is not None and not config_changes(rec["config"], now) \
-                    and record_precision(rec) != precision:
+            if is_current(rec, spec, row, profile) and record_precision(rec) != precision:
                 other.setdefault(record_precision(rec), []).append(f"{row.name}/seed{rec.get('seed', 0)}")
     if other:
         theirs, runs = next(iter(other.items()))
