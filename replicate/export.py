@@ -113,12 +113,15 @@ def timm_create_kwargs(cfg: RunConfig) -> dict | None:
 
 def how_to_load(fmt: str, out: Path, cfg: RunConfig) -> str:
     """One line saying what the exported file loads into."""
-    if fmt == "moco-v3":
-        return (f"official moco-v3 layout (base encoder backbone only; arch {cfg.setting.arch} at profile "
-                f"{cfg.profile}: {cfg.embed_dim} wide x {cfg.depth} blocks, patch {cfg.patch_size})")
     kwargs = timm_create_kwargs(cfg)
+    what = "ViT-BN" if cfg.setting.norm_mlp == "bn" else f"patch_proj_norm {cfg.setting.patch_proj_norm}"
+    if fmt == "moco-v3":
+        layout = (f"official moco-v3 layout (base encoder backbone only; arch {cfg.setting.arch} at profile "
+                  f"{cfg.profile}: {cfg.embed_dim} wide x {cfg.depth} blocks, patch {cfg.patch_size})")
+        # the official vits.py builds neither layer: the keys are ours, under the official prefix
+        return layout if kwargs is not None else (f"{layout}; a {what} backbone, whose extra layers the official "
+                                                  "vits.py does not build: load it into replicate.model.build_vit(cfg)")
     if kwargs is None:
-        what = "ViT-BN" if cfg.setting.norm_mlp == "bn" else f"patch_proj_norm {cfg.setting.patch_proj_norm}"
         return f"{what} backbone: load it into replicate.model.build_vit(cfg) (timm's plain ViT has no such layers)"
     name = kwargs.pop("model_name")
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from replicate.config import Setting
 from replicate.evaluate import Checkpoint, build_loaded_backbone
-from replicate.export import backbone_state, timm_create_kwargs
+from replicate.export import backbone_state, how_to_load, timm_create_kwargs
 from replicate.moco import SelfSupervisedViT
 from replicate.model import build_vit, patch_projection_weight
 from replicate.optim import build_optimizer
@@ -69,7 +69,7 @@ def test_wn_reparametrizes_only_the_projection_weight_and_keeps_its_init():
 
 
 @pytest.mark.parametrize("norm", ["bn", "wn"])
-def test_variant_trains_a_step_and_its_backbone_reloads(norm):
+def test_variant_trains_a_step_and_its_backbone_reloads(norm, tmp_path):
     cfg = smoke_config(patch_proj_norm=norm)
     torch.manual_seed(0)
     model = SelfSupervisedViT(cfg)
@@ -84,6 +84,8 @@ def test_variant_trains_a_step_and_its_backbone_reloads(norm):
     assert model.momentum_backbone.state_dict().keys() == after.keys()
     # what `replicate export` keeps and `replicate evaluate` rebuilds: build_vit(cfg) loads it strictly
     assert timm_create_kwargs(cfg) is None  # timm's plain ViT has neither layer: build_vit is the way in
+    for fmt in ("timm", "moco-v3"):  # nor does the official vits.py: both exports say where the file loads
+        assert "build_vit(cfg)" in how_to_load(fmt, tmp_path / "x.pth", cfg)
     loaded = build_loaded_backbone(cfg, Checkpoint(None, backbone_state(model.backbone), "replicate-backbone/1",
                                                    None), "test").eval()
     model.backbone.eval()
