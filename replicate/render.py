@@ -64,6 +64,20 @@ def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) 
     return f"opposite (±{noise:.1f}){small}"
 
 
+def rendered_records(spec: Spec, store: ResultStore) -> dict[str, list[dict]]:
+    """The runs a study's table shows, per row: once a row's re-run has begun, only its runs made with the config the
+    spec resolves to now (a mean never mixes two configs); a row with none shows its stale runs, marked stale."""
+    records = store.table_records(spec.key)
+    if store.profile not in PROFILES:
+        return records
+    profile = PROFILES[store.profile]
+    for row in spec.rows:
+        current = [r for r in records.get(row.name, []) if is_current(r, spec, row, profile)]
+        if current:
+            records[row.name] = current
+    return records
+
+
 def stale_rows(spec: Spec, records: dict[str, list[dict]], profile: str) -> dict[str, list[str]]:
     """Rows with a run whose stored config is not what the spec resolves to now -> how it differs (first such run).
     Records without a stored config and profiles not registered here are not judged."""
@@ -80,7 +94,7 @@ def stale_rows(spec: Spec, records: dict[str, list[dict]], profile: str) -> dict
 
 
 def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
-    records = store.table_records(spec.key)
+    records = rendered_records(spec, store)
     stale = stale_rows(spec, records, store.profile)
     metrics = metric_keys(spec, records, store.profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
@@ -207,7 +221,7 @@ VERDICTS = ("reproduces", "within noise", "opposite")
 def row_verdicts(spec: Spec, store: ResultStore) -> list[tuple[Row, str, int]]:
     """Every compared row of a study (baseline rows left out): its verdict as ``render_table`` writes it, and the
     fewest seeds on either side of the comparison for the metric the verdict is taken on (0: not run)."""
-    records = store.table_records(spec.key)
+    records = rendered_records(spec, store)
     metrics = metric_keys(spec, records, store.profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     out = []
@@ -238,7 +252,7 @@ def rerun_report(profile: str = "reduced", results: str | Path | None = None) ->
              "|---|---|---|---|---|---|---|"]
     pending = []
     for spec in all_specs():
-        records = store.table_records(spec.key)
+        records = rendered_records(spec, store)
         stale = stale_rows(spec, records, profile)
         current = {r.name for r in spec.rows if records.get(r.name) and r.name not in stale}
         missing = [r.name for r in spec.rows if r.name not in current]
@@ -285,7 +299,7 @@ def verdict_summary(profile: str = "reduced", results: str | Path | None = None)
             study = f"[{spec.name}]({table.resolve().relative_to(repo).as_posix()})" if table.exists() else spec.name
         except ValueError:  # a results folder outside the repository: no link
             study = spec.name
-        stale = len(stale_rows(spec, store.table_records(spec.key), profile))
+        stale = len(stale_rows(spec, rendered_records(spec, store), profile))
         lines.append(f"| {study} | {spec.title} | {len(verdicts)} | " + " | ".join(
             str(counts[k]) for k in (*VERDICTS, "other")) + f" | {seeds_cell} | {stale} |")
     return "\n".join(lines) + "\n"

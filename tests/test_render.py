@@ -72,3 +72,25 @@ def test_rerun_report_lists_current_rows_and_what_is_left(tmp_path):
         save("no_pred", seed, b)
     line = next(ln for ln in rerun_report("smoke", tmp_path).splitlines() if "w/o pred" in ln)
     assert "| -2.5 | -1.0 | reproduces" in line and "table8 (" not in rerun_report("smoke", tmp_path)
+
+
+def test_a_row_being_rerun_shows_only_its_current_runs(tmp_path):
+    """A row re-run for one seed of three: its mean is that seed's, never a mix of two configs; it is not stale."""
+    from replicate.profiles import SMOKE
+
+    spec = load_spec(find_spec("table8"))
+    store = ResultStore(tmp_path, "smoke")
+
+    def save(row, seed, value, **changed):
+        config = SMOKE.resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json") | changed
+        store.save(spec.key, row, seed, {"status": "ok", "seed": seed, "config": config, "metrics": {"linear": value}})
+
+    save("with_pred", 0, 80.0)
+    save("with_pred", 1, 70.0, epochs=999)  # the previous config's seeds
+    save("with_pred", 2, 70.0, epochs=999)
+    for seed in range(3):
+        save("no_pred", seed, 60.0, epochs=999)  # not re-run yet: shown, marked stale
+    text = render_table(spec, store)
+    line = next(ln for ln in text.splitlines() if "w/ pred" in ln)
+    assert "80.0 (n=1)" in line and "stale" not in line
+    assert "w/o pred. MLP (stale)" in text and "60.0 ± 0.0 (n=3)" in text
