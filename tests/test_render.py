@@ -8,6 +8,20 @@ def rows(*vals):
     return RowStats([{"status": "ok", "metrics": {"linear": v}} for v in vals])
 
 
+def smoke_table8_store(tmp_path):
+    """Table 8's spec, an empty smoke store, and save(row, seed, linear, **config fields changed from the current)."""
+    from replicate.profiles import SMOKE
+
+    spec = load_spec(find_spec("table8"))
+    store = ResultStore(tmp_path, "smoke")
+
+    def save(row, seed, value, **changed):
+        config = SMOKE.resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json") | changed
+        store.save(spec.key, row, seed, {"status": "ok", "seed": seed, "config": config, "metrics": {"linear": value}})
+
+    return spec, store, save
+
+
 def test_verdict_rule():
     base = rows(70.0, 70.2, 69.8)
     assert verdict(-1.6, rows(68.0, 68.1, 67.9), base, "linear").startswith("reproduces")
@@ -52,15 +66,9 @@ def test_rendered_table_says_how_its_runs_multiplied(tmp_path):
 
 
 def test_rerun_report_lists_current_rows_and_what_is_left(tmp_path):
-    from replicate.profiles import SMOKE
     from replicate.render import rerun_report
 
-    spec = load_spec(find_spec("table8"))
-    store = ResultStore(tmp_path, "smoke")
-
-    def save(row, seed, value, **changed):
-        config = SMOKE.resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json") | changed
-        store.save(spec.key, row, seed, {"status": "ok", "seed": seed, "config": config, "metrics": {"linear": value}})
+    spec, store, save = smoke_table8_store(tmp_path)
 
     for seed, (a, b) in enumerate([(80.0, 78.0), (81.0, 78.5), (80.5, 77.5)]):
         save("with_pred", seed, a)
@@ -76,15 +84,7 @@ def test_rerun_report_lists_current_rows_and_what_is_left(tmp_path):
 
 def test_a_row_being_rerun_shows_only_its_current_runs(tmp_path):
     """A row re-run for one seed of three: its mean is that seed's, never a mix of two configs; it is not stale."""
-    from replicate.profiles import SMOKE
-
-    spec = load_spec(find_spec("table8"))
-    store = ResultStore(tmp_path, "smoke")
-
-    def save(row, seed, value, **changed):
-        config = SMOKE.resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json") | changed
-        store.save(spec.key, row, seed, {"status": "ok", "seed": seed, "config": config, "metrics": {"linear": value}})
-
+    spec, store, save = smoke_table8_store(tmp_path)
     save("with_pred", 0, 80.0)
     save("with_pred", 1, 70.0, epochs=999)  # the previous config's seeds
     save("with_pred", 2, 70.0, epochs=999)
