@@ -218,11 +218,11 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
 VERDICTS = ("reproduces", "within noise", "opposite")
 
 
-def row_verdicts(spec: Spec, store: ResultStore) -> list[tuple[Row, str, int]]:
-    """Every compared row of a study (baseline rows left out): its verdict as ``render_table`` writes it, and the
-    fewest seeds on either side of the comparison for the metric the verdict is taken on (0: not run)."""
-    records = rendered_records(spec, store)
-    metrics = metric_keys(spec, records, store.profile)
+def row_verdicts(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[tuple[Row, str, int]]:
+    """Every compared row of a study (baseline rows left out), from its ``rendered_records``: its verdict as
+    ``render_table`` writes it, and the fewest seeds on either side of the comparison for the metric the verdict is
+    taken on (0: not run)."""
+    metrics = metric_keys(spec, records, profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     out = []
     for row in spec.rows:
@@ -259,7 +259,7 @@ def rerun_report(profile: str = "reduced", results: str | Path | None = None) ->
         if missing:
             pending.append(f"{spec.name} ({len(missing)} of {len(spec.rows)}"
                            + (f": {', '.join(missing)})" if current else ")"))
-        verdicts = {row.name: v for row, v, _ in row_verdicts(spec, store)}
+        verdicts = {row.name: v for row, v, _ in row_verdicts(spec, records, profile)}
         metrics = metric_keys(spec, records, profile)
         for row in spec.rows:
             if row.name not in current:
@@ -290,7 +290,8 @@ def verdict_summary(profile: str = "reduced", results: str | Path | None = None)
     lines = ["| study | title | compared rows | reproduces | within noise | opposite | no verdict | seeds | stale rows |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for spec in all_specs():
-        verdicts = row_verdicts(spec, store)
+        records = rendered_records(spec, store)
+        verdicts = row_verdicts(spec, records, profile)
         counts = Counter(next((k for k in VERDICTS if v.startswith(k)), "other") for _, v, _ in verdicts)
         seeds = sorted({n for _, _, n in verdicts if n})
         seeds_cell = DASH if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
@@ -299,7 +300,7 @@ def verdict_summary(profile: str = "reduced", results: str | Path | None = None)
             study = f"[{spec.name}]({table.resolve().relative_to(repo).as_posix()})" if table.exists() else spec.name
         except ValueError:  # a results folder outside the repository: no link
             study = spec.name
-        stale = len(stale_rows(spec, rendered_records(spec, store), profile))
+        stale = len(stale_rows(spec, records, profile))
         lines.append(f"| {study} | {spec.title} | {len(verdicts)} | " + " | ".join(
             str(counts[k]) for k in (*VERDICTS, "other")) + f" | {seeds_cell} | {stale} |")
     return "\n".join(lines) + "\n"
