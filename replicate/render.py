@@ -100,6 +100,7 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     transfer = spec.kind == "transfer"
     monitored = spec.kind == "pretrain"  # fine-tuning rows have no pretraining monitor curves to summarise
+    verdicts = {row.name: v for row, v, _ in row_verdicts(spec, records, store.profile)}
     rows_out = []
     for row in spec.rows:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
@@ -111,12 +112,12 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
                            for t in spec.paper_targets]
             our_cells = [ours.cell(m) for m in metrics]
             our_d = _mean_delta(ours, base, metrics)
-            v = "reference" if is_base else _transfer_verdict(pd, ours, base, metrics)
+            v = "reference" if is_base else verdicts[row.name]
             rows_out.append([label, *paper_cells, "" if is_base else _fmt(pd, True), *our_cells,
                              "" if is_base else _fmt(our_d, True), v])
         else:
             primary = metrics[0]
-            v = "reference" if is_base else verdict(pd, ours, base, primary)
+            v = "reference" if is_base else verdicts[row.name]
             extra = [ours.cell(m) for m in metrics[1:]]
             rows_out.append([label, _fmt(paper_value(spec, row)), "" if is_base else _fmt(pd, True),
                              ours.cell(primary), "" if is_base else _fmt(_delta(ours, base, primary), True), v,
@@ -220,8 +221,8 @@ VERDICTS = ("reproduces", "within noise", "opposite")
 
 def row_verdicts(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[tuple[Row, str, int]]:
     """Every compared row of a study (baseline rows left out), from its ``rendered_records``: its verdict as
-    ``render_table`` writes it, and the fewest seeds on either side of the comparison for the metric the verdict is
-    taken on (0: not run)."""
+    ``render_table`` writes it (it takes them from here), and the fewest seeds on either side of the comparison for
+    the metric the verdict is taken on (0: not run)."""
     metrics = metric_keys(spec, records, profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     out = []
