@@ -15,7 +15,7 @@ def extract_features(backbone: nn.Module, split: TensorSplit, dataset: str, batc
                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features (the [CLS] token or the average pool, per the model's pooling) of ``split``."""
     retain_freed_memory()
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in channel_stats(dataset))
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in channel_stats(dataset, split.images.shape[-1]))
     was_training = backbone.training
     backbone.eval()
     out = []

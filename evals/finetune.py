@@ -115,7 +115,7 @@ class TensorEpochs:
     def __init__(self, split: TensorSplit, recipe: FinetuneRecipe, cfg: RunConfig, device: torch.device):
         from replicate.augment import TwoViewBatchAugment
 
-        mean, std = channel_stats(cfg.dataset)  # the pretraining data's statistics, as DeiT keeps ImageNet's
+        mean, std = channel_stats(cfg.dataset, cfg.image_size)  # the pretraining data's statistics, as DeiT keeps ImageNet's
         self.augment = TwoViewBatchAugment(cfg.image_size, recipe.crop_scale[0], cfg.blur_sigma, mean, std)
         self.images, self.labels = split.images.to(device), split.labels.to(device)
         self.batch = min(recipe.batch, len(split)) // 2 * 2  # Mixup needs an even batch
@@ -239,7 +239,7 @@ def top1_accuracy(model: nn.Module, test, cfg: RunConfig, device: torch.device, 
     total = torch.zeros((), device=device)
     use_amp = device.type == "cuda"
     if isinstance(test, TensorSplit):
-        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in channel_stats(cfg.dataset))
+        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in channel_stats(cfg.dataset, cfg.image_size))
         batches = ((test.images[i: i + batch_size], test.labels[i: i + batch_size])
                    for i in range(0, len(test), batch_size))
     else:

@@ -24,7 +24,17 @@ import torch
 from replicate import distributed as D
 from replicate.checkpoint import atomic_torch_save, config_fingerprint
 from replicate.config import RunConfig
-from replicate.data import TensorSplit, is_tensor_dataset, load_digits_split, load_tensor_dataset
+from replicate.data import (
+    FMNIST_SIZE,
+    SPLIT_IDS,
+    TRANSLATED,
+    TRANSLATION_SEED,
+    TensorSplit,
+    is_tensor_dataset,
+    load_digits_split,
+    load_tensor_dataset,
+    translate,
+)
 from replicate.profiles import Profile
 
 from .finetune import (
@@ -49,12 +59,17 @@ def pretraining_config(cfg: RunConfig) -> RunConfig:
 def load_target(name: str, cfg: RunConfig, data_root: str | None) -> tuple[TensorSplit, TensorSplit]:
     """(train, test) of an in-memory transfer target at the profile's image size, labels 0..K-1."""
     size = cfg.image_size
+    if name == "digits" and cfg.dataset == TRANSLATED:
+        # the digits drawn like the pretraining images: upscaled to Fashion-MNIST's 28 px, at seeded offsets
+        return tuple(translate(load_digits_split(s, FMNIST_SIZE), size, (TRANSLATION_SEED, 2, SPLIT_IDS[s]))
+                     for s in ("train", "test"))
     if name == "digits":
         return load_digits_split("train", size), load_digits_split("test", size)
     if name == "digits_disjoint":
         return tuple(load_digits_split(s, size).only_classes(HELD_OUT_CLASSES) for s in ("train", "test"))
-    if name == "fmnist_disjoint":
-        return tuple(load_tensor_dataset("fashion_mnist", s, data_root, size).only_classes(HELD_OUT_CLASSES)
+    if name == "fmnist_disjoint":  # the held-out classes of the pretraining data (aligned or translated)
+        dataset = cfg.dataset if cfg.dataset == TRANSLATED else "fashion_mnist"
+        return tuple(load_tensor_dataset(dataset, s, data_root, size).only_classes(HELD_OUT_CLASSES)
                      for s in ("train", "test"))
     raise ValueError(f"unknown in-memory transfer target {name!r} (known: digits, digits_disjoint, fmnist_disjoint)")
 

@@ -45,7 +45,7 @@ class HeldOutKnn:
 
     def __init__(self, bank: TensorSplit, probe: TensorSplit, dataset: str, num_classes: int, k: int, t: float,
                  device: torch.device, chunk: int = 256):
-        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in channel_stats(dataset))
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in channel_stats(dataset, bank.images.shape[-1]))
         self.images = ((torch.cat([bank.images, probe.images]) - mean) / std).to(device)
         self.bank_labels, self.probe_labels = bank.labels.to(device), probe.labels.to(device)
         self.n_bank, self.num_classes, self.k, self.t, self.chunk = len(bank), num_classes, k, t, chunk

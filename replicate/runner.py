@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -202,8 +203,9 @@ def check_precision(spec: Spec, profile: Profile, store: ResultStore, precision:
             f"re-run every row here")
 
 
-def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bool = False, data_root: str | None = None,
-              results_root=None, progress: bool = True, keep_stale: bool = False) -> ResultStore:
+def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int] = 1, force: bool = False,
+              data_root: str | None = None, results_root=None, progress: bool = True,
+              keep_stale: bool = False) -> ResultStore:
     """Run every (row, seed) that has no current result. A stored result is current while its resolved config
     equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
     it stale), and the log names the fields that changed."""
@@ -223,7 +225,7 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int = 1, force: bo
             and (baselines is None or baselines.get("depends_on") != now)):
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
         store.save_baselines(compute_baselines(profile, spec, data_root))
-    jobs = [(row, seed) for row in spec.rows for seed in range(seeds)]
+    jobs = [(row, seed) for row in spec.rows for seed in (range(seeds) if isinstance(seeds, int) else seeds)]
     for n, (row, seed) in enumerate(jobs, 1):
         head = f"[{profile.name} {spec.name} {n}/{len(jobs)}] {row.name} seed {seed}"
         config = profile.resolve(spec.setting(row), seed=seed).model_dump(mode="json")

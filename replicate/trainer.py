@@ -115,7 +115,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Ten
 
 
 def make_augment(cfg: RunConfig, compile: bool = False) -> TwoViewBatchAugment:
-    mean, std = channel_stats(cfg.dataset)
+    mean, std = channel_stats(cfg.dataset, cfg.image_size)
     return TwoViewBatchAugment(cfg.image_size, cfg.crop_min, cfg.blur_sigma, mean, std, compile=compile)
 
 

@@ -86,7 +86,7 @@ def test_finetune_on_dataloaders_beats_chance():
     """The paper path (DataLoaders of already-normalised images) learns too."""
     cfg = smoke_cfg()
     train, test = load_target("digits", cfg, None)
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in channel_stats(cfg.dataset))
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in channel_stats(cfg.dataset, cfg.image_size))
 
     def loader(split: TensorSplit, shuffle: bool):
         ds = torch.utils.data.TensorDataset((split.images - mean) / std, split.labels)

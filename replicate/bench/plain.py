@@ -41,7 +41,7 @@ class PlainTwoViewDataset(torch.utils.data.Dataset):
         def blur(img):
             return img.filter(ImageFilter.GaussianBlur(radius=float(np.random.uniform(lo, hi))))
 
-        mean, std = channel_stats(cfg.dataset)
+        mean, std = channel_stats(cfg.dataset, cfg.image_size)
         common = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min, 1.0)),
                   T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
         tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
