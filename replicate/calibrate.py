@@ -164,6 +164,88 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def _calibration_records(name: str, ref: str) -> list[dict]:
+    """Finished records of ``ref`` ('table2:lr1.5e-4') under candidate ``name``, calibration seeds only."""
+    from .spec import find_spec
+
+    table, _, row = ref.partition(":")
+    folder = RUNS_ROOT / f"cal-{name}" / find_spec(table).stem / row
+    recs = [json.loads(f.read_text()) for f in sorted(folder.glob("seed*.json"))]
+    return [r for r in recs if r["seed"] in CALIBRATION_SEEDS]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def stage1_report(names: list[str]) -> str:
+    """Criterion F3 of docs/reduced-scale.md (stage v3-1) per candidate: the reference row's mean linear / kNN over
+    the calibration seeds against the candidate's own raw-pixel and random-backbone baselines."""
+    lines = ["| candidate | seeds | linear | kNN | pixels lin / kNN | random lin / kNN | margins (lin-px-10, "
+             "kNN-px-5, lin-rnd-5, kNN-rnd-5) | F3 |", "|" + "---|" * 8]
+    for name in names:
+        recs = [r for r in _calibration_records(name, "table5:sincos") if r.get("status") == "ok"]
+        base_file = RUNS_ROOT / f"cal-{name}" / "baselines.json"
+        if not recs or not base_file.exists():
+            lines.append(f"| {name} | 0 | not run | | | | | |")
+            continue
+        b = json.loads(base_file.read_text())
+        px, rnd = b["raw_pixels"], b["random_backbone"]
+        lin, knn = _mean(r["metrics"]["linear"] for r in recs), _mean(r["metrics"]["knn"] for r in recs)
+        margins = [lin - px["linear"] - 10, knn - px["knn"] - 5, lin - rnd["linear"] - 5, knn - rnd["knn"] - 5]
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in recs)} | {lin:.1f} | {knn:.1f} | "
+                     f"{px['linear']:.1f} / {px['knn']:.1f} | {rnd['linear']:.1f} / {rnd['knn']:.1f} | "
+                     f"{', '.join(f'{m:+.1f}' for m in margins)} | {'met' if min(margins) >= 0 else 'missed'} |")
+    return "\n".join(lines)
+
+
+LR_SCALES = (10, 20, 40, 80, 160)  # stage v3-2, ascending
+
+
+def _unstable(rec: dict) -> bool:
+    """A dip found by the detector, or a drop still open at the end (docs/reduced-scale.md, stage v3-2 (a))."""
+    from .instability import record_summary
+
+    knn = (record_summary(rec) or {}).get("knn", {})
+    return knn.get("n_dips", 0) > 0 or bool(knn.get("unrecovered"))
+
+
+def stage2_report(base: str) -> str:
+    """The lr-scale rule of stage v3-2 on candidate ``base``: per scale tried, table 2's learned rows lr1.5e-4 and
+    lr0.5e-4 over the calibration seeds, and whether the scale qualifies ((a) and (b) and (c))."""
+    lines = ["| lr scale | lr1.5e-4: dips / open drop per seed | linear | lr0.5e-4: dips / open drop per seed | "
+             "diverged | (a) | (b) | (c) | qualifies |", "|" + "---|" * 9]
+    best_before = None
+    for scale in LR_SCALES:
+        hi = _calibration_records(f"{base}-lr{scale}", "table2:lr1.5e-4")
+        lo = _calibration_records(f"{base}-lr{scale}", "table2:lr0.5e-4")
+        if len(hi) < len(CALIBRATION_SEEDS) or len(lo) < len(CALIBRATION_SEEDS):
+            lines.append(f"| {scale} | not run (or unfinished) | | | | | | | |")
+            continue
+
+        def cells(recs):
+            from .instability import record_summary
+
+            out = []
+            for r in recs:
+                knn = (record_summary(r) or {}).get("knn", {})
+                out.append(f"{knn.get('n_dips', 0)}/{'yes' if knn.get('unrecovered') else 'no'}")
+            return ", ".join(out)
+
+        diverged = [r for r in hi + lo if r.get("status") != "ok"]
+        lin = _mean((r.get("metrics") or {}).get("linear") for r in hi)
+        past_peak = best_before is not None and lin is not None and lin <= best_before - 0.5
+        a = all(_unstable(r) for r in hi) or past_peak
+        b = not any(_unstable(r) for r in lo)
+        c = not diverged
+        lines.append(f"| {scale} | {cells(hi)} | {lin} | {cells(lo)} | {len(diverged)} | {a} | {b} | {c} | "
+                     f"{'yes' if a and b and c else 'no'} |")
+        if lin is not None:
+            best_before = lin if best_before is None else max(best_before, lin)
+    return "\n".join(lines)
+
+
 # The instability target's rows (issue #17, docs/reduced-scale.md "Criteria"): where the paper's curves dip, and the
 # rows the criteria name as stable, whose every detected dip is a false positive of the detector at this scale.
 PAPER_UNSTABLE = ("table1:bs4096", "table1:bs6144", "table2:lr1.5e-4", "table4:mocov3_lr1.5e-4_learned",
@@ -278,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("estimate", help="time the whole suite (one seed) under candidates")
     e.add_argument("names", nargs="+")
     sub.add_parser("report", help="print every calibration run so far")
+    s1 = sub.add_parser("stage1", help="criterion F3 (reduced scale v3, stage 1) per candidate")
+    s1.add_argument("names", nargs="+")
+    s2 = sub.add_parser("stage2", help="the lr-scale rule (reduced scale v3, stage 2) of one stage-1 candidate")
+    s2.add_argument("base")
     sub.add_parser("instability", help="the instability target on the committed reduced results: dips in the "
                                        "paper's unstable and stable rows, false-positive rate, twins")
     f = sub.add_parser("figure", help="plot the kNN monitor of every run of one row")
@@ -296,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             (RUNS_ROOT / f"estimate-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     elif args.command == "figure":
         print(figure(args.row, args.out))
+    elif args.command == "stage1":
+        print(stage1_report(args.names))
+    elif args.command == "stage2":
+        print(stage2_report(args.base))
     elif args.command == "instability":
         print(instability_report())
     else:

@@ -9,7 +9,8 @@ Every ``monitor_every`` iterations, a kNN accuracy of the backbone's features, o
 - held out (``monitor_probe > 0``, in-memory datasets): a fixed probe set of images the run never trains on,
   classified against a fixed bank of pretraining images, both un-augmented, the backbone in eval mode. The value
   is a function of the weights alone, so a change between samples is the model's, not the sampling's; the
-  reduced counterpart of App. A's dense monitor.
+  reduced counterpart of App. A's dense monitor. The same pass records, per block, the attention entropy and the
+  largest attention logit on the first chunk of those images (``attention_probe``).
 - queue (App. A as written): the current batch's features against a queue of recent training features (10% of
   the training set, as the paper's memory bank). Costs no extra forward pass, but each sample is one augmented
   batch, so it varies by a few points between samples at small batches.
@@ -17,6 +18,8 @@ Every ``monitor_every`` iterations, a kNN accuracy of the backbone's features, o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -59,11 +62,41 @@ class HeldOutKnn:
     def __call__(self, backbone: torch.nn.Module) -> float:
         was_training = backbone.training
         backbone.eval()  # no dropout / drop-path draws: the monitor consumes no RNG, so resume stays exact
-        feats = torch.cat([backbone(x).float() for x in self.images.split(self.chunk)])
+        chunks = self.images.split(self.chunk)
+        with attention_probe(backbone) as stats:  # the first chunk only: a fixed set of images, cheap
+            feats = [backbone(chunks[0]).float()]
+        self.last_attention = stats
+        feats = torch.cat(feats + [backbone(x).float() for x in chunks[1:]])
         backbone.train(was_training)
         pred = weighted_knn_predict(feats[self.n_bank:], feats[: self.n_bank], self.bank_labels, self.num_classes,
                                     self.k, self.t)
         return round(100.0 * (pred == self.probe_labels).float().mean().item(), 2)
+
+
+@contextmanager
+def attention_probe(backbone: torch.nn.Module) -> Iterator[dict[str, list[float]]]:
+    """Within the block, every forward of ``backbone`` records, per transformer block, the mean entropy (nats) of
+    its attention rows and its largest attention logit (q.k / sqrt(d), over heads, tokens and images): the
+    diagnostics of small-scale attention instability (Zhai et al. 2023, entropy collapse; Wortsman et al. 2023,
+    logit growth). Recomputed from each block's input with its own qkv weights, so the forward itself (fused or
+    not) is untouched."""
+    stats: dict[str, list[float]] = {"entropy": [], "max_logit": []}
+
+    def hook(attn, inputs, _output):
+        x = inputs[0]
+        b, n, _ = x.shape
+        q, k, _v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (attn.q_norm(q) * attn.scale) @ attn.k_norm(k).transpose(-2, -1)
+        p = logits.float().softmax(dim=-1)
+        stats["entropy"].append(round(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()), 4))
+        stats["max_logit"].append(round(float(logits.max()), 3))
+
+    handles = [block.attn.register_forward_hook(hook) for block in backbone.blocks]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class TrainingMonitor:
@@ -82,6 +115,7 @@ class TrainingMonitor:
         self.series = {k: [] for k in SERIES}
         self.knn_steps: list[int] = []
         self.knn_acc: list[float] = []
+        self.attention: dict[str, list[list[float]]] = {"entropy": [], "max_logit": []}  # per kNN step, per block
         self.last_loss: float = float("nan")
         self.last_knn: float | None = None
         self.diverged_at: int | None = None
@@ -119,6 +153,8 @@ class TrainingMonitor:
             self.last_knn = self.held_out(self.backbone)
             self.knn_steps.append(step)
             self.knn_acc.append(self.last_knn)
+            for key, per_block in self.held_out.last_attention.items():
+                self.attention[key].append(per_block)
             return True
         feats, labels = feats.float().cpu(), labels.cpu()
         if len(self.bank) >= self.cfg.knn_k:
@@ -135,15 +171,21 @@ class TrainingMonitor:
         # ``pending`` (stats tracked since the last flush) is saved rather than flushed at a checkpoint, so the flush
         # (and kNN) steps, hence the curves, are the same however a run was interrupted.
         return {"series": self.series, "knn_steps": self.knn_steps, "knn_acc": self.knn_acc,
-                "bank": self.bank, "bank_labels": self.bank_labels, "pending": [t.cpu() for t in self.pending]}
+                "attention": self.attention, "bank": self.bank, "bank_labels": self.bank_labels,
+                "pending": [t.cpu() for t in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
         self.series = {k: list(v) for k, v in state["series"].items()}
         self.knn_steps, self.knn_acc = list(state["knn_steps"]), list(state["knn_acc"])
+        # a checkpoint from before the attention diagnostics: the curves restart them at the resumed step
+        self.attention = {k: list(v) for k, v in state.get("attention", {"entropy": [], "max_logit": []}).items()}
         self.bank, self.bank_labels = state["bank"], state["bank_labels"]
         self.pending = [t.to(self.first.device) for t in state["pending"]]
         self.last_knn = self.knn_acc[-1] if self.knn_acc else None
 
     def curves(self) -> dict:
         """The compact, JSON-ready record stored with a row's results."""
-        return {"series": self.series, "knn_steps": self.knn_steps, "knn_acc": self.knn_acc}
+        out = {"series": self.series, "knn_steps": self.knn_steps, "knn_acc": self.knn_acc}
+        if self.attention["entropy"]:  # the held-out monitor's attention diagnostics, aligned with knn_steps
+            out["attn_entropy"], out["attn_max_logit"] = self.attention["entropy"], self.attention["max_logit"]
+        return out

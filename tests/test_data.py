@@ -191,3 +191,33 @@ def test_pil_crops_survive_pickling_for_spawned_workers():
     crops = pickle.loads(pickle.dumps(two_view_pil_crops(24, 0.5)))
     a, b = crops(Image.new("RGB", (40, 30), (10, 20, 30)))
     assert a.shape == b.shape == (3, 24, 24) and a.dtype == torch.uint8 and int(a[0, 0, 0]) == 10
+
+
+def test_translation_places_each_image_whole_at_its_fixed_offset():
+    """Image i sits unchanged at row i of the generator seeded by the key (written out here), on zeros; a prefix
+    of a split gets the same offsets as the whole split (an offset is a function of (key, i) alone)."""
+    from replicate.data import TensorSplit, translate
+
+    imgs = torch.rand(5, 1, 28, 28) + 0.1  # no zero pixel, so the paste is visible exactly
+    out = translate(TensorSplit(imgs, torch.arange(5)), 40, (2021, 0)).images
+    expected = [[9, 9], [6, 12], [8, 7], [6, 4], [7, 8]]  # np.random.default_rng([2021, 0]).integers(0, 13, (5, 2))
+    for i, (dy, dx) in enumerate(expected):
+        assert torch.equal(out[i, :, dy:dy + 28, dx:dx + 28], imgs[i])
+        assert out[i].sum().item() == pytest.approx(imgs[i].sum().item(), rel=1e-6)  # zeros elsewhere
+    head = translate(TensorSplit(imgs[:2], torch.arange(2)), 40, (2021, 0)).images
+    assert torch.equal(head, out[:2])
+    with pytest.raises(DataError, match="cannot hold"):
+        translate(TensorSplit(imgs, torch.arange(5)), 20, (2021, 0))
+
+
+@needs_fmnist
+def test_translated_fashion_mnist_statistics_match_the_normalisation():
+    from replicate.data import TRANSLATED, channel_stats, load_tensor_dataset
+
+    train = load_tensor_dataset(TRANSLATED, "train", None, 40)
+    assert train.images.shape == (60000, 1, 40, 40)
+    (mean,), (std,) = channel_stats(TRANSLATED, 40)
+    assert train.images.mean().item() == pytest.approx(mean, abs=2e-4)
+    assert train.images.std().item() == pytest.approx(std, abs=2e-4)
+    again = load_tensor_dataset(TRANSLATED, "train", None, 40)
+    assert torch.equal(train.images[:100], again.images[:100])

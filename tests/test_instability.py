@@ -144,6 +144,10 @@ def test_smoke_run_records_instability_and_renders_figures(tmp_path):
     assert rec["instability"] == json.loads(json.dumps(summarize(rec["curves"])))
     assert isinstance(rec["instability"]["knn"]["n_dips"], int) and "first_leads_by" in rec["instability"]["grad"]
     assert len(rec["curves"]["series"]["grad_first_rel"]) == rec["iterations"]
+    # the held-out monitor's attention diagnostics: one value per block at every kNN step
+    curves = rec["curves"]
+    assert len(curves["attn_entropy"]) == len(curves["attn_max_logit"]) == len(curves["knn_steps"]) > 0
+    assert {len(v) for v in curves["attn_entropy"]} == {rec["config"]["depth"]}
     text = render_table(spec, store, write=True)
     assert "kNN dips" in text and "grad spikes 1st/last" in text
     for kind in ("knn", "grad", "delta"):
@@ -179,3 +183,34 @@ def test_instability_target_report_counts_false_positives_and_skips_stale_runs(t
     assert "False positives (a dip in a paper-stable row): 1 of 2 runs (50%)." in text
     assert "Paper-unstable rows with dips in >= 2 of their seeds: 1 of 1." in text
     assert "| unstable | table1:bs4096 | 0 | not run yet |" in text
+
+
+def test_attention_probe_against_a_written_out_reference():
+    """Zero q/k weights give uniform attention: entropy ln(tokens), largest logit 0. A single block with one
+    head and hand-set weights gives the entropy computed here by hand."""
+    import math
+
+    import torch
+
+    from replicate.model import build_vit
+    from replicate.monitor import attention_probe
+    from replicate.profiles import SMOKE
+
+    spec = load_spec(find_spec("table5"))
+    cfg = SMOKE.resolve(spec.setting(spec.row("sincos")))
+    vit = build_vit(cfg).eval()
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1  # patches + [CLS]
+    with torch.no_grad():
+        for block in vit.blocks:
+            block.attn.qkv.weight[: 2 * block.attn.attn_dim].zero_()
+            if block.attn.qkv.bias is not None:
+                block.attn.qkv.bias.zero_()
+        x = torch.rand(4, cfg.in_chans, cfg.image_size, cfg.image_size)
+        with attention_probe(vit) as stats:
+            vit(x)
+    assert stats["entropy"] == [pytest.approx(math.log(tokens), abs=1e-3)] * cfg.depth
+    assert stats["max_logit"] == [0.0] * cfg.depth
+    # hooks removed on exit: another forward records nothing
+    with torch.no_grad():
+        vit(x)
+    assert len(stats["entropy"]) == cfg.depth
