@@ -128,7 +128,6 @@ def study(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s table5 [-- OPTIONS], or nox -s study -- table5 OPTIONS")
     install(session)
-    session.log("replicate run " + shlex.join(session.posargs))
     session.run("replicate", "run", *session.posargs)
 
 
