@@ -13,11 +13,12 @@ EPILOG = """examples:
   replicate run tables/05_position_embedding.yaml --profile smoke
   replicate show table10 --profile paper
   torchrun --nproc_per_node 8 -m replicate run table5 --profile paper --data-root /data/imagenet
-  replicate export table5 sincos --profile reduced --format timm -o sincos.pth
+  replicate export table5 sincos --profile smoke --format timm -o sincos.pth
   replicate evaluate vit-b-300ep.pth.tar --profile paper --data-root /data/imagenet
 
 environment (runtime knobs; they change speed, not what a row means):
-  REPLICATE_CPU_MATMUL=bf16|fp32   CPU matmul precision (default: bf16 on CPUs with AMX/AVX512-BF16, else fp32)
+  REPLICATE_CPU_MATMUL=bf16|fp32   CPU matmul precision (default fp32 on every CPU; bf16, for CPUs with AMX or
+                                   AVX512-BF16, writes to results/cpu-bf16/ unless --results is given)
   REPLICATE_COMPILE=1|0            torch.compile the ViTs (default: on GPU only)
   REPLICATE_CHECKPOINT_EVERY=N     checkpoint interval in iterations (default: the profile's)
   REPLICATE_PROBE_BF16=1|0         paper linear probe's backbone forward in bf16 on GPU (default 0: fp32, as official)
@@ -48,14 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", default=None, metavar="DIR",
                      help="dataset folder: ImageNet in ImageFolder layout (paper); Fashion-MNIST idx files "
                           "(reduced; else Debian's /usr/share/datasets/fashion-mnist or a torchvision download)")
-    run.add_argument("--results", default=None, metavar="DIR", help="results root. Default: the repository's results/")
+    run.add_argument("--results", default=None, metavar="DIR",
+                     help="results root. Default: the repository's results/ (results/cpu-bf16/ with "
+                          "REPLICATE_CPU_MATMUL=bf16 on CPU); `python -m replicate.render` then defaults to it")
     run.add_argument("--no-render", action="store_true", help="do not print the rendered table afterwards")
     run.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when stderr is "
                                                           "not a terminal)")
     show = sub.add_parser("show", help="print the resolved setting of every row at a profile (runs nothing)")
     show.add_argument("table", help="tableN or a spec path")
     show.add_argument("--profile", default="paper", metavar="NAME", help=f"one of {profiles}. Default: paper")
-    sub.add_parser("list", help="list the studies")
+    sub.add_parser("list", help="list the studies: the names `run` takes, titles, where the paper reports them")
     add_export_parser(sub, profiles)
     add_evaluate_parser(sub, profiles)
     return p
@@ -100,8 +103,9 @@ def add_export_parser(sub, profiles: str) -> None:
     export.add_argument("--seed", type=int, default=0, help="which seed's backbone. Default: 0")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="timm or moco-v3")
     export.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the export")
-    export.add_argument("--results", default=None, metavar="DIR", help="results root. Default: the repository's "
-                                                                       "results/")
+    export.add_argument("--results", default=None, metavar="DIR",
+                        help="results root. Default: where `run` writes (results/, or results/cpu-bf16/ with "
+                             "REPLICATE_CPU_MATMUL=bf16)")
 
 
 def add_evaluate_parser(sub, profiles: str) -> None:
@@ -145,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "list":
-            for s in all_specs():
-                print(f"{s.key:8s} {s.title:38s} {s.paper_ref}")
+            from tabulate import tabulate
+
+            print(tabulate([(s.name, s.title, s.paper_ref) for s in all_specs()], ["study", "title", "paper"],
+                           tablefmt="simple"))
             return 0
         if args.profile is not None and args.profile not in PROFILES:
             raise SpecError(f"unknown profile {args.profile!r}; choose one of: {', '.join(PROFILES)}")
@@ -160,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             from .export import export_row
+            from .results import run_results_root
 
-            how = export_row(spec, args.row, args.profile, args.seed, args.format, args.output, args.results)
+            how = export_row(spec, args.row, args.profile, args.seed, args.format, args.output,
+                             run_results_root(args.results))
             print(f"wrote {args.output}: {how}")
             return 0
         if args.seeds < 1:
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         store = run_table(spec, args.profile, args.seeds, args.force, args.data_root, args.results,
                           progress=not args.quiet and sys.stderr.isatty(), keep_stale=args.keep_stale)
         from . import distributed as D
+        from .results import remember_run
+
+        if D.is_main():
+            remember_run(store.root, args.profile, spec.name)  # python -m replicate.render's default
 
         if not args.no_render and D.is_main():
             from .render import render_table
@@ -189,10 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run":
             print("interrupted", file=sys.stderr)
             return 130
-        every = PROFILES[args.profile].checkpoint_every if getattr(args, "profile", None) in PROFILES else 0
-        resume = (f"the current row resumes from its last checkpoint (every {every} iterations)" if every else
-                  "the current row starts over (this profile does not checkpoint: its rows are short)")
-        print(f"interrupted: finished rows are saved; {resume} on the next run", file=sys.stderr)
+        # the runner has said where the interrupted row picks up (its checkpoint, or from the start)
+        print("interrupted: finished rows are saved; the same command continues the study", file=sys.stderr)
         return 130
     finally:
         shutdown()  # leave the torchrun process group cleanly (a no-op in a single process)

@@ -6,7 +6,6 @@ Small datasets are held as one float tensor in [0, 1] of shape (N, C, H, W): the
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+from . import datapaths
+from .datapaths import FMNIST_FILES, find_idx
+
+DEBIAN_FASHION_MNIST = datapaths.DEBIAN_FASHION_MNIST  # a module global: tests point it elsewhere
 
 
 class DataError(RuntimeError):
@@ -79,21 +77,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _find_idx(dirs: list[Path], stem: str) -> Path | None:
-    for d in dirs:
-        for name in (stem, stem + ".gz"):
-            if (d / name).is_file():
-                return d / name
-    return None
-
-
 def fashion_mnist_dirs(data_root: str | None) -> list[Path]:
-    dirs = []
-    if data_root:
-        r = Path(data_root)
-        dirs += [r, r / "FashionMNIST" / "raw", r / "fashion-mnist"]
-    dirs.append(DEBIAN_FASHION_MNIST)
-    return dirs
+    """``datapaths.fashion_mnist_dirs`` (the list nox checks too), with this module's Debian folder."""
+    return datapaths.fashion_mnist_dirs(data_root, DEBIAN_FASHION_MNIST)
 
 
 def load_fashion_mnist(data_root: str | None, split: str) -> TensorSplit:
@@ -103,9 +89,9 @@ def load_fashion_mnist(data_root: str | None, split: str) -> TensorSplit:
                         "or be an existing folder to download them into)")
     dirs = fashion_mnist_dirs(data_root)
     img_stem, lbl_stem = FMNIST_FILES[split]
-    img, lbl = _find_idx(dirs, img_stem), _find_idx(dirs, lbl_stem)
+    img, lbl = find_idx(dirs, img_stem), find_idx(dirs, lbl_stem)
     if img is None or lbl is None:
-        root = Path(data_root or os.environ.get("REPLICATE_DATA", "data"))
+        root = datapaths.download_root(data_root)
         _download_fashion_mnist(root, dirs)
         return load_fashion_mnist(str(root), split)
     x = torch.from_numpy(_read_idx(img).copy()).float().div_(255).unsqueeze(1)
@@ -130,8 +116,8 @@ def _download_fashion_mnist(root: Path, looked: list[Path]) -> None:
         except Exception as e:  # noqa: BLE001 - any download failure becomes the same actionable message
             raise DataError(
                 f"Fashion-MNIST not found (looked in {', '.join(map(str, looked))}) and the download failed "
-                f"({type(e).__name__}). Fix: `apt-get install dataset-fashion-mnist`, or pass --data-root DIR "
-                "holding the idx files, or run once online so torchvision can download it.") from None
+                f"({type(e).__name__}). Fix: {datapaths.FIX}, or run once online so torchvision can download it."
+            ) from None
         raw = root / "FashionMNIST" / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         for f in (Path(scratch) / "FashionMNIST" / "raw").iterdir():

@@ -27,7 +27,7 @@ from .checkpoint import atomic_torch_save
 from .config import RunConfig
 from .model import timm_vit_kwargs
 from .profiles import get_profile
-from .results import ResultsError, ResultStore, config_changes
+from .results import DEFAULT_ROOT, ResultsError, ResultStore, config_changes
 from .spec import Spec, SpecError
 
 BACKBONE_FORMAT = "replicate-backbone/1"
@@ -79,9 +79,14 @@ def load_row_backbone(store: ResultStore, spec: Spec, row: str, seed: int) -> tu
         raise ResultsError(f"no backbone for {where}: the row trains from scratch (init: random), so it has no "
                            "pretrained backbone to export")
     if not record.get("backbone") or not path.exists():
-        raise ResultsError(f"no backbone for {where}: {path} is missing (the row finished before backbones were kept, "
-                           f"or the results were copied without them); run the table first: "
-                           f"{run_command(spec, store.profile)} --force")
+        if store.root.resolve() == DEFAULT_ROOT.resolve():  # the committed results: never overwrite them
+            fix = (f"backbones are not committed with the results; to make one, run the study into a folder of your "
+                   f"own: `{run_command(spec, store.profile)} --results my-results`, then add --results my-results "
+                   "here (--profile smoke makes one in seconds)")
+        else:
+            fix = (f"the row finished before backbones were kept, or its results were copied without them; re-run it: "
+                   f"`{run_command(spec, store.profile)} --results {store.root} --force`")
+        raise ResultsError(f"no backbone for {where}: {path} is missing ({fix})")
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state["backbone"], stored_config(state["config"], path)
 

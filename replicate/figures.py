@@ -76,13 +76,21 @@ def plot_knn(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
     ax.set_ylabel("kNN monitor accuracy (%)")
     ax.set_title(f"{spec.name}: kNN monitor during pretraining (▼ detected dip, X diverged)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    handles, _ = ax.get_legend_handles_labels()
+    if any(len(recs) > 1 for _, recs in rows):  # the faint lines: one legend entry for all of them
+        from matplotlib.lines import Line2D
+
+        low = min(r.get("seed", 0) for _, recs in rows for r in recs)
+        handles.append(Line2D([], [], color="gray", lw=1.2, alpha=0.3,
+                              label=f"other seeds (faint, the row's colour; solid: seed {low})"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, path)
     return True
 
 
 def _grad_rows(spec: Spec, records: dict[str, list[dict]]) -> list[tuple]:
-    """The reference row and the other row with the most gradient spikes (Fig. 4 compares two such runs)."""
+    """Every row with gradient traces (its lowest seed): the reference first, then the others by their gradient
+    spikes, most first (Fig. 4 compares a stable run with a spiking one)."""
     found = []
     for row in spec.rows:
         recs = _with_curves(records.get(row.name, []))
@@ -92,7 +100,7 @@ def _grad_rows(spec: Spec, records: dict[str, list[dict]]) -> list[tuple]:
             found.append((row, recs[0], spikes))
     ref = [f for f in found if f[0].name == spec.reference]
     others = sorted((f for f in found if f[0].name != spec.reference), key=lambda f: -f[2])  # stable: spec order
-    return (ref + others)[:2] if ref else others[:2]
+    return ref + others
 
 
 def plot_grad(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
@@ -100,7 +108,7 @@ def plot_grad(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
     chosen = _grad_rows(spec, records)
     if not chosen:
         return False
-    fig, axes = plt.subplots(len(chosen), 1, figsize=(9, 2.6 * len(chosen)), squeeze=False, sharex=True,
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(9, 2.2 * len(chosen) + 0.6), squeeze=False, sharex=True,
                              layout="constrained")
     for ax, (row, rec, _) in zip(axes[:, 0], chosen):
         series, grad = rec["curves"]["series"], (record_summary(rec) or {}).get("grad", {})

@@ -1,4 +1,4 @@
-"""CPU matmul precision: bf16 multiplies with fp32 accumulation where the CPU has bf16 units, as AMP does on GPUs.
+"""CPU matmul precision: fp32 by default on every CPU; bf16 multiplies with fp32 accumulation as an explicit opt-in.
 
 The paper trains with mixed precision (the official code autocasts to fp16; this suite autocasts to bf16 on GPUs).
 On CPUs, ``torch.autocast`` costs more in casts than it saves at the reduced model's small shapes (the bench's
@@ -11,8 +11,11 @@ PyTorch's CPU flash-attention kernel is many times slower under that setting at 
 (docs/code-measurements.md), so timm's attention runs unfused (q k^T, softmax, v as two batched matmuls, which then
 also multiply in bf16).
 
-``$REPLICATE_CPU_MATMUL``: ``bf16`` or ``fp32``; unset: bf16 where the CPU multiplies bf16 natively (AMX or
-AVX512-BF16; elsewhere oneDNN would emulate it, slowly), else fp32. CUDA runs are unaffected (they autocast).
+``$REPLICATE_CPU_MATMUL``: ``bf16`` or ``fp32``; unset: fp32, on every CPU, so that results compare across CPUs
+(the committed ``results/reduced/`` are fp32). ``bf16`` is worth it only where the CPU multiplies bf16 natively
+(AMX or AVX512-BF16; elsewhere oneDNN emulates it, slowly); its results are kept apart: without ``--results`` a
+bf16 CPU run writes under ``results/cpu-bf16/`` (``BF16_RESULTS``, used by the runner). CUDA runs are unaffected
+(they autocast).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from .hardware import cpu_info
 
 ENV = "REPLICATE_CPU_MATMUL"
 CHOICES = ("bf16", "fp32")
+DEFAULT = "fp32"
+BF16_RESULTS = "cpu-bf16"  # the results root's sub-folder that bf16 CPU runs default to (README, CPU precision)
 # how a training step multiplies, in words (provenance.precision, rendered tables, the bench report)
 LABELS = {"bf16": "bf16 matmul, fp32 accumulate", "fp32": "fp32", "bf16 autocast": "bf16 autocast"}
 
@@ -40,13 +45,13 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_matmul_precision() -> str:
-    """``bf16`` or ``fp32``: ``$REPLICATE_CPU_MATMUL``, else bf16 where the CPU has native bf16."""
+    """``bf16`` or ``fp32``: ``$REPLICATE_CPU_MATMUL``, else fp32 (the default on every CPU: comparable results)."""
     value = os.environ.get(ENV, "").strip().lower()
     if value == "":
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return DEFAULT
     if value not in CHOICES:
-        raise PrecisionError(f"${ENV}={value!r}: expected one of {', '.join(CHOICES)} (or unset for the CPU's "
-                             "default)")
+        raise PrecisionError(f"${ENV}={value!r}: expected one of {', '.join(CHOICES)} (or unset for the default, "
+                             f"{DEFAULT})")
     return value
 
 

@@ -1,8 +1,9 @@
 """Render the studies as markdown: the paper's numbers beside ours, the deltas, and whether the effect reproduces.
 
 ``python -m replicate.render [--profile P] [--results DIR]`` writes ``<results>/<profile>/<spec name>.md`` for
-every study with results, and prints every table (ours as "—" where not run). Rows whose stored config is not what
-the spec resolves to now are marked stale.
+every study with results, and prints those tables (``--all``: every study, ours as "—" where not run). By default it
+renders every profile with results in the folder the last ``replicate run`` used (``results.last_run``). Rows whose
+stored config is not what the spec resolves to now are marked stale.
 
 Verdict (per row, against its baseline row: the spec's reference, or the row named by ``vs``):
   noise = 2 * sqrt(s_row^2 / n_row + s_base^2 / n_base), the two-standard-error band of our delta over seeds;
@@ -24,7 +25,7 @@ from tabulate import tabulate
 
 from .atomic import atomic_write_text
 from .profiles import PROFILES, get_profile
-from .results import ResultStore, config_changes, is_current
+from .results import DEFAULT_ROOT, ResultStore, config_changes, is_current, last_run
 from .spec import Row, Spec, all_specs
 from .stats import DASH, RowStats, _delta, _mean_delta, metric_keys, paper_delta
 
@@ -208,12 +209,31 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
                   + ". Features that do not beat raw pixels say little about the paper's effects.", ""]
     if spec.notes:
         lines += [f"Notes: {spec.notes}", ""]
+    lines += _setting_line(spec, store, records)
     if not transfer and "linear" in metric_keys(spec, records, store.profile):
         lines += ["Linear: top-1 after the probe's last epoch; `linear_best`, where shown, is its best epoch's (the "
                   "number the official `main_lincls.py` reports).", ""]
     lines += ["Verdict: our Δ vs the paper's Δ, with noise = 2·sqrt(s²/n + s_ref²/n_ref) over seeds "
               "(see `replicate/render.py`).", ""]
     return lines
+
+
+def _setting_line(spec: Spec, store: ResultStore, records: dict) -> list[str]:
+    """What this profile made of the study's setting (the spec's notes give the paper's): the data and the
+    reference row's resolved sizes, with its iterations as run."""
+    if store.profile not in PROFILES or store.profile == "paper":
+        return []
+    profile = PROFILES[store.profile]
+    ref = spec.row(spec.reference)
+    cfg = profile.resolve(spec.setting(ref))
+    ran = sorted({r["iterations"] for r in records.get(ref.name, []) if r.get("iterations")})
+    iters = f" ({'/'.join(map(str, ran))} iterations)" if ran else ""
+    data = f"{cfg.dataset}" + (f", {cfg.train_subset} training images" if cfg.train_subset else "")
+    return [f"At the {store.profile} profile (the paper's setting scaled down): {data}, "
+            f"{cfg.image_size} px; the reference row ({ref.label}) is a ViT {cfg.embed_dim} wide x {cfg.depth} blocks "
+            f"x {cfg.num_heads} heads, patch {cfg.patch_size}, batch {cfg.batch_size}, {cfg.epochs} epochs{iters}, "
+            f"peak lr {cfg.lr:.3g}, {cfg.setting.optimizer}. Every row's setting: `replicate show {spec.name} "
+            f"--profile {store.profile}`.", ""]
 
 
 VERDICTS = ("reproduces", "within noise", "opposite")
@@ -309,28 +329,51 @@ def verdict_summary(profile: str = "reduced", results: str | Path | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replicate.render",
-                                description="Write results/<profile>/<spec name>.md for every study with results "
-                                            "and print all tables beside the paper's numbers.")
-    p.add_argument("--profile", default="reduced", metavar="NAME", help=f"one of {', '.join(PROFILES)}. Default: reduced")
-    p.add_argument("--results", default=None, help="results root (default: the repo's results/)")
-    p.add_argument("--table", default=None, help="render only this table (tableN)")
+                                description="Write <results>/<profile>/<spec name>.md for every study with results "
+                                            "and print those tables beside the paper's numbers.")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help=f"one of {', '.join(PROFILES)}. Default: every profile with results in the results folder "
+                        "(the last run's profile printed last)")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="results root. Default: the folder the last `replicate run` here used (remembered in "
+                        "results/.last-run.json), else the repository's results/")
+    p.add_argument("--table", default=None, help="render only this table (tableN), with or without results")
+    p.add_argument("--all", action="store_true", help="also print the studies without results (ours as —)")
     args = p.parse_args(argv)
     from .spec import SpecError, find_spec, load_spec
 
-    if args.profile not in PROFILES:
+    if args.profile is not None and args.profile not in PROFILES:
         print(f"error: unknown profile {args.profile!r}; choose one of: {', '.join(PROFILES)}", file=sys.stderr)
         return 2
-    store = ResultStore(args.results, args.profile)
+    if args.results and not Path(args.results).is_dir():
+        print(f"error: results folder {args.results} does not exist", file=sys.stderr)
+        return 2
+    last = last_run()
+    root, why = ((args.results, "--results") if args.results else
+                 (last["results"], "the folder the last run used; --results for another") if last else
+                 (DEFAULT_ROOT, "the repository's results"))
     try:
         specs = [load_spec(find_spec(args.table))] if args.table else all_specs()
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.results and not Path(args.results).is_dir():
-        print(f"error: results folder {args.results} does not exist", file=sys.stderr)
-        return 2
-    out = [render_table(spec, store, write=True) for spec in specs]
+    chosen = {}
+    for profile in [args.profile] if args.profile else list(PROFILES):
+        store = ResultStore(root, profile)
+        shown = [s for s in specs if args.table or args.all or store.table_records(s.key)]
+        if shown:
+            chosen[profile] = (store, shown)
+    if not args.profile and last and last.get("profile") in chosen:  # what the user just ran: printed last
+        chosen[last["profile"]] = chosen.pop(last["profile"])
+    if not chosen:
+        what = f"profile {args.profile}" if args.profile else "any profile"
+        print(f"no results for {what} under {root} ({why}); run a study first, e.g. "
+              "`replicate run table5 --profile smoke` (seconds)", file=sys.stderr)
+        return 1
+    out = [render_table(spec, store, write=True) for store, shown in chosen.values() for spec in shown]
     print("\n\n".join(out))
+    print(f"rendered from {root} ({why}): " + ", ".join(f"{profile} {len(shown)} table{'s' * (len(shown) > 1)}"
+                                                       for profile, (_, shown) in chosen.items()), file=sys.stderr)
     return 0
 
 

@@ -26,10 +26,50 @@ from .checkpoint import NOT_FINGERPRINTED  # when a run saves, not what it compu
 from .hardware import cpu_info
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "results"
+# which results root the last `replicate run` used (the renderer's default); one small file, not committed
+LAST_RUN_ENV = "REPLICATE_LAST_RUN"
 
 
 class ResultsError(RuntimeError):
     pass
+
+
+def run_results_root(root: str | Path | None) -> Path:
+    """Where a run on this machine writes (and ``replicate export`` / ``evaluate`` look) without ``--results``:
+    ``results/``, or ``results/cpu-bf16/`` for a CPU run with the opt-in bf16 matmuls (``REPLICATE_CPU_MATMUL=bf16``),
+    whose results are kept apart from the fp32 ones (README, CPU precision)."""
+    if root:
+        return Path(root)
+    import torch
+
+    from .precision import BF16_RESULTS, cpu_matmul_precision
+
+    if not torch.cuda.is_available() and cpu_matmul_precision() == "bf16":
+        return DEFAULT_ROOT / BF16_RESULTS
+    return DEFAULT_ROOT
+
+
+def last_run_file() -> Path:
+    return Path(os.environ.get(LAST_RUN_ENV) or DEFAULT_ROOT / ".last-run.json")
+
+
+def remember_run(root: str | Path, profile: str, table: str) -> None:
+    """Record the results root, profile and study of the run that just finished (``python -m replicate.render``
+    defaults to that root). Best effort: a read-only checkout just has no memory."""
+    try:
+        atomic_write_text(last_run_file(), json.dumps({"results": str(Path(root).resolve()), "profile": profile,
+                                                       "table": table}) + "\n")
+    except OSError:
+        pass
+
+
+def last_run() -> dict | None:
+    """What ``remember_run`` recorded, or None (never run here, or the folder is gone)."""
+    try:
+        rec = json.loads(last_run_file().read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and Path(str(rec.get("results"))).is_dir() else None
 
 
 def record_precision(record: dict) -> str:

@@ -13,9 +13,17 @@ from . import distributed as D
 from .config import RunConfig, Setting
 from .data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from .instability import summarize
-from .precision import CHOICES, LABELS, training_precision
+from .precision import BF16_RESULTS, DEFAULT, ENV, LABELS, training_precision
 from .profiles import Profile, get_profile
-from .results import ResultsError, ResultStore, config_changes, is_current, provenance, record_precision
+from .results import (
+    ResultsError,
+    ResultStore,
+    config_changes,
+    is_current,
+    provenance,
+    record_precision,
+    run_results_root,
+)
 from .spec import Row, Spec
 from .trainer import PretrainResult, pretrain
 
@@ -120,7 +128,7 @@ def pretrain_kept(cfg: RunConfig, data_root: str | None, ckpt: Path, kept: Path 
     if saved is not None:
         model = SelfSupervisedViT(cfg).to(D.init_from_env())
         model.load_state_dict(saved.pop("model"))
-        return PretrainResult(model=model, **saved)
+        return PretrainResult(model=model, **{**saved, "resumed_s": saved["wall_time_s"]})  # all of it before
     result = pretrain(cfg, data_root, ckpt, progress)
     if kept is not None and result.status == "ok":
         save_state(kept, tag, {**vars(result), "model": result.model.state_dict()})
@@ -150,6 +158,7 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
         result = pretrain_kept(cfg, data_root, ckpt, kept, progress)
         record.update(status=result.status, diverged_at=result.diverged_at, iterations=result.iterations,
                       pretrain_s=round(result.wall_time_s, 1), curves=result.monitor)
+        record["_pretrained_before_s"] = result.resumed_s  # run_table names it in the finish line, then pops it
         record["instability"] = summarize(result.monitor)
         record["_backbone"] = result.model.backbone  # run_table keeps it (replicate.export) and pops the key
         # ImageFolder rows: every process runs the probe on its share of the data; in-memory rows: rank 0 alone
@@ -183,10 +192,16 @@ def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
         imagenet_folder(data_root, "train"), imagenet_folder(data_root, "val")
 
 
+# the README's line on CPU precision, named by the refusal below
+PRECISION_README = (f"README, 'CPU precision': CPU runs multiply in {DEFAULT} unless {ENV}=bf16, whose results go to "
+                    f"results/{BF16_RESULTS}/ when no --results is given")
+
+
 def check_precision(spec: Spec, profile: Profile, store: ResultStore, precision: str) -> None:
     """Refuse to add runs that multiply in ``precision`` to a study whose current rows multiplied otherwise: a
-    study's deltas must not mix bf16 and fp32 pretraining (a CPU with native bf16 defaults to bf16 matmuls,
-    replicate/precision.py)."""
+    study's deltas must not mix bf16 and fp32 pretraining. Without ``--results`` the two never meet (bf16 CPU runs
+    default to ``results/cpu-bf16/``, ``run_results_root``); this guards an explicit ``--results`` folder (and a GPU
+    run's bf16 autocast beside CPU runs)."""
     records = store.table_records(spec.key)
     other = {}
     for row in spec.rows:
@@ -195,12 +210,12 @@ def check_precision(spec: Spec, profile: Profile, store: ResultStore, precision:
                 other.setdefault(record_precision(rec), []).append(f"{row.name}/seed{rec.get('seed', 0)}")
     if other:
         theirs, runs = next(iter(other.items()))
-        hint = next((f"REPLICATE_CPU_MATMUL={k} " for k, v in LABELS.items() if v == theirs and k in CHOICES), "")
+        match = {LABELS["fp32"]: f"unset {ENV} (or {ENV}=fp32)", LABELS["bf16"]: f"{ENV}=bf16"}.get(theirs)
         raise ResultsError(
             f"{store.profile_dir / spec.key}: {len(runs)} stored run(s) ({', '.join(runs[:3])}"
-            f"{', ...' if len(runs) > 3 else ''}) pretrained in {theirs}, this machine would pretrain in "
-            f"{precision}: a study must not mix them. Run with {hint or 'the same precision '}to match, or --force to "
-            f"re-run every row here")
+            f"{', ...' if len(runs) > 3 else ''}) pretrained in {theirs}, this run would pretrain in {precision}: a "
+            f"study must not mix them ({PRECISION_README}). To match, "
+            f"{'run with ' + match if match else 'run on the same kind of device'}; or pass another --results DIR")
 
 
 def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int] = 1, force: bool = False,
@@ -211,8 +226,11 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
     it stale), and the log names the fields that changed."""
     profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
-    store = ResultStore(results_root, profile.name)
     precision = training_precision("cuda" if torch.cuda.is_available() else "cpu")
+    if results_root is None and precision == LABELS["bf16"] and D.is_main():
+        log(f"[{profile.name}] {ENV}=bf16: results go to {run_results_root(None)}, apart from the fp32 ones "
+            "(README, CPU precision)")
+    store = ResultStore(run_results_root(results_root), profile.name)
     if D.is_main():
         store.check_writable()
         check_inputs(spec, profile, data_root)
@@ -226,6 +244,11 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
         store.save_baselines(compute_baselines(profile, spec, data_root))
     jobs = [(row, seed) for row in spec.rows for seed in (range(seeds) if isinstance(seeds, int) else seeds)]
+    eta = StudyEta(sum(force or not _stored_and_kept(store, spec, row, seed, profile, keep_stale)
+                       for row, seed in jobs) if D.is_main() else 0)
+    if D.is_main():
+        log(f"[{profile.name} {spec.name}] {len(jobs)} run(s): {len(jobs) - eta.todo} with results already, "
+            f"{eta.todo} to run")
     for n, (row, seed) in enumerate(jobs, 1):
         head = f"[{profile.name} {spec.name} {n}/{len(jobs)}] {row.name} seed {seed}"
         config = profile.resolve(spec.setting(row), seed=seed).model_dump(mode="json")
@@ -255,12 +278,28 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
                     if store.share_backbone((twin["table"], twin["row"], twin["seed"]), (spec.key, row.name, seed)):
                         copy["backbone"] = store.backbone_path(spec.key, row.name, seed).name
                     store.save(spec.key, row.name, seed, copy)
+                    eta.reused()
                     log(f"{head}: the same run as {source} (identical config): result reused "
                         "(--force re-runs it)")
                 continue
-            log(f"{head}: running")
-            record = run_row(spec, row, profile, seed, store, data_root, progress)
+            log(f"{head}: running ({eta.progress()})")
+            t_row = time.perf_counter()
+            try:
+                record = run_row(spec, row, profile, seed, store, data_root, progress)
+            except KeyboardInterrupt:
+                ckpt = store.checkpoint_path(spec.key, row.name, seed)
+                kept = ckpt.with_suffix(".pretrained.pt")
+                if kept.exists():
+                    then = "keeps its finished pretraining and evaluates it"
+                elif ckpt.exists():
+                    then = f"resumes from its last checkpoint ({ckpt})"
+                else:
+                    then = "starts over (it had not reached its first checkpoint)"
+                log(f"{head}: interrupted; the next run of this study {then}")
+                raise
             backbone = record.pop("_backbone", None)  # the trained ViT, handed back by run_row; never serialised
+            before = record.pop("_pretrained_before_s", 0.0)  # a resumed row's pretraining before this process
+            eta.finished(time.perf_counter() - t_row)
             if D.is_main():
                 from .export import keep_backbone
 
@@ -269,8 +308,52 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
                 store.checkpoint_path(spec.key, row.name, seed).unlink(missing_ok=True)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items())
                 status = record["status"] if record["status"] != "ok" else shown
-                log(f"{head}: {status} ({record['wall_time_s']:.0f}s) -> {path}")
+                took = f"{record['wall_time_s']:.0f}s"
+                if before:
+                    took = (f"pretraining {record['pretrain_s']:.0f}s in total, {before:.0f}s of it before the "
+                            f"resume; {took} in this run")
+                log(f"{head}: {status} ({took}; {eta.progress()}) -> {path}")
     return store
+
+
+def _stored_and_kept(store: ResultStore, spec: Spec, row: Row, seed: int, profile: Profile, keep_stale: bool) -> bool:
+    """Whether the loop will skip (row, seed): a current stored result, or a stale one kept by ``--keep-stale``."""
+    old = store.load(spec.key, row.name, seed)
+    if old is None:
+        return False
+    return keep_stale or is_current(old, spec, row, profile)
+
+
+def duration(seconds: float) -> str:
+    """45s, 12 min, 2.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class StudyEta:
+    """The study's progress for the log: runs finished of those to run, and the time left, estimated from the mean
+    time of the rows this process trained (rows differ in cost, so it is a rough guide that sharpens as rows
+    finish; reused rows take no time)."""
+
+    def __init__(self, todo: int):
+        self.todo, self.done, self.times = todo, 0, []
+
+    def finished(self, seconds: float) -> None:
+        self.done += 1
+        self.times.append(seconds)
+
+    def reused(self) -> None:
+        self.done += 1
+
+    def progress(self) -> str:
+        text = f"study: {self.done}/{self.todo} run"
+        left = self.todo - self.done
+        if self.times and left > 0:
+            text += f", about {duration(left * sum(self.times) / len(self.times))} left"
+        return text
 
 
 def resolved_settings(spec: Spec, profile_name: str) -> list[tuple[Row, Setting, RunConfig]]:

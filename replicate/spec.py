@@ -129,9 +129,32 @@ def _where(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _message(err: dict) -> str:
-    if err["type"] == "extra_forbidden":
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The keys allowed at ``loc`` (an error's location minus its last part) inside ``model``: a Spec's own, a
+    row's, or None where the location is not a model."""
+    for part in loc:
+        if isinstance(part, int) or (isinstance(part, str) and (part in _UNION_TAGS or "[" in part)):
+            continue
+        ann = model.model_fields.get(part).annotation if part in model.model_fields else None
+        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def _unknown_key(key: str, allowed: list[str] | None) -> str:
+    """'unknown key', with the closest allowed key when one is close (a typo), else the allowed keys."""
+    if not allowed:
         return "unknown key"
+    allowed = [k for k in allowed if k != "path"]  # set by the loader, never written
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]!r}?)" if close else f"unknown key (allowed: {', '.join(allowed)})"
+
+
+def _message(err: dict, model: type[BaseModel] | None = None) -> str:
+    if err["type"] == "extra_forbidden":
+        return _unknown_key(str(err["loc"][-1]), _fields_at(model, err["loc"][:-1]) if model else None)
     if err["type"] == "missing":
         return "required key is missing"
     if _where(err["loc"]).endswith("paper"):
@@ -139,11 +162,12 @@ def _message(err: dict) -> str:
     return err["msg"]
 
 
-def _one_line(e: ValidationError) -> str:
-    """The first error, in the spec's words; a missing key also names an unknown key beside it (a likely typo)."""
+def _one_line(e: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """The first error, in the spec's words; an unknown key suggests the closest allowed key of ``model`` at its
+    level, a missing key names an unknown key beside it (a likely typo)."""
     errors = e.errors()
     err = errors[0]
-    line = f"{_where(err['loc'])}: {_message(err)}"
+    line = f"{_where(err['loc'])}: {_message(err, model)}"
     if err["type"] == "missing":
         parent = err["loc"][:-1]
         strays = [x["loc"][-1] for x in errors if x["type"] == "extra_forbidden" and x["loc"][:-1] == parent]
@@ -170,7 +194,7 @@ def load_spec(path: str | Path) -> Spec:
     try:
         spec = Spec(**raw)
     except ValidationError as e:
-        raise SpecError(f"{path}: {_one_line(e)}") from None
+        raise SpecError(f"{path}: {_one_line(e, Spec)}") from None
     except TypeError as e:
         raise SpecError(f"{path}: {e}") from None
     # Every row must resolve to a valid Setting: catches `set: {pos_embd: ...}` before any training.
@@ -179,10 +203,7 @@ def load_spec(path: str | Path) -> Spec:
             try:
                 Setting(**key)
             except ValidationError as e:
-                allowed = ", ".join(Setting.model_fields)
-                line = _one_line(e)
-                hint = f" (allowed: {allowed})" if "unknown key" in line else ""
-                raise SpecError(f"{path}: {where}.{line}{hint}") from None
+                raise SpecError(f"{path}: {where}.{_one_line(e, Setting)}") from None
     for i, row in enumerate(spec.rows):
         problem = kind_mismatch(spec, spec.setting(row)) or framework_mismatch(spec.setting(row))
         if problem:

@@ -46,8 +46,9 @@ class PretrainResult:
     status: str  # "ok" | "diverged"
     diverged_at: int | None
     iterations: int
-    wall_time_s: float
+    wall_time_s: float  # the whole pretraining's, including the time before a resume
     monitor: dict = field(default_factory=dict)
+    resumed_s: float = 0.0  # resumed: the pretraining time before this process (the checkpoint's wall_time_s)
 
 
 CHECKPOINT_EVERY_ENV = "REPLICATE_CHECKPOINT_EVERY"
@@ -327,7 +328,7 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
 
     bar = tqdm(range(start, end), initial=start, total=total, disable=not (progress and D.is_main()),
                desc=f"pretrain {cfg.setting.framework} seed {cfg.seed}", unit="it", leave=False, dynamic_ncols=True)
-    with cpu_bf16_matmuls(model, device):  # bf16 products on CPUs with bf16 units (replicate/precision.py)
+    with cpu_bf16_matmuls(model, device):  # bf16 products only with REPLICATE_CPU_MATMUL=bf16 (replicate/precision.py)
         model.train()
         for step in bar:
             x1, x2, y = batches.batch(step)
@@ -351,4 +352,5 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     if status == "ok" and ckpt_path is not None and end < total:
         save(end)  # stopped early (max_steps): leave a checkpoint to resume from
     return PretrainResult(model=model, status=status, diverged_at=diverged_at, iterations=trained,
-                          wall_time_s=t_offset + time.perf_counter() - t0, monitor=monitor.curves())
+                          wall_time_s=t_offset + time.perf_counter() - t0, monitor=monitor.curves(),
+                          resumed_s=t_offset)

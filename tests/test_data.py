@@ -221,3 +221,53 @@ def test_translated_fashion_mnist_statistics_match_the_normalisation():
     assert train.images.std().item() == pytest.approx(std, abs=2e-4)
     again = load_tensor_dataset(TRANSLATED, "train", None, 40)
     assert torch.equal(train.images[:100], again.images[:100])
+
+
+def test_nox_and_the_loader_search_the_same_places(tmp_path, monkeypatch):
+    """One list (replicate/datapaths.py): the loader reads from it, and nox checks it before building anything;
+    the profiles it names are the Fashion-MNIST ones."""
+    import replicate.data as data
+    from replicate import datapaths
+    from replicate.profiles import PROFILES
+
+    assert set(datapaths.FASHION_MNIST_PROFILES) == {n for n, p in PROFILES.items() if "fashion" in p.dataset}
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setenv("REPLICATE_DATA", str(tmp_path / "downloads"))
+    assert data.fashion_mnist_dirs(None) == datapaths.fashion_mnist_dirs(None, tmp_path / "nowhere") == [
+        tmp_path / "nowhere", tmp_path / "downloads" / "FashionMNIST" / "raw"]  # an earlier download is found
+    assert len(datapaths.missing_fashion_mnist(None, tmp_path / "nowhere")) == 4
+    raw = tmp_path / "downloads" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stems in datapaths.FMNIST_FILES.values():
+        for stem in stems:
+            (raw / (stem + ".gz")).write_bytes(b"")
+    assert datapaths.missing_fashion_mnist(None, tmp_path / "nowhere") == []
+
+
+def test_nox_stops_a_table_session_without_data_before_building_anything(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("nox")
+    path = Path(__file__).resolve().parent.parent / "noxfile.py"
+    spec = importlib.util.spec_from_file_location("noxfile_under_test", path)
+    noxfile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noxfile)
+    monkeypatch.setattr(noxfile, "datapaths", lambda: _paths_without_debian(tmp_path))
+    monkeypatch.setenv("REPLICATE_DATA", str(tmp_path / "downloads"))
+    problem = noxfile.data_problem(["--profile", "reduced"])
+    assert "Fashion-MNIST (profile reduced) not found" in problem and "sudo apt-get install dataset-fashion-mnist" \
+        in problem and "--data-root" in problem and "\n" not in problem
+    assert noxfile.data_problem(["--profile", "smoke"]) is None  # bundled digits
+    assert noxfile.data_problem(["--profile=reduced", "--data-root", str(tmp_path / "no")]).endswith("no such folder")
+
+
+def _paths_without_debian(tmp_path):
+    import types
+
+    from replicate import datapaths
+
+    module = types.SimpleNamespace(**vars(datapaths))
+    module.missing_fashion_mnist = lambda root: datapaths.missing_fashion_mnist(root, tmp_path / "nowhere")
+    module.fashion_mnist_dirs = lambda root: datapaths.fashion_mnist_dirs(root, tmp_path / "nowhere")
+    return module

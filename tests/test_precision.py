@@ -1,4 +1,6 @@
 """CPU matmul precision (replicate/precision.py): bf16 products only inside the block, everything restored after."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,7 +21,20 @@ def test_env_picks_the_precision_and_rejects_typos(monkeypatch):
     with pytest.raises(ValueError, match="REPLICATE_CPU_MATMUL='fp16'.*bf16, fp32"):
         precision.cpu_matmul_precision()
     monkeypatch.delenv(precision.ENV)
-    assert precision.cpu_matmul_precision() == ("bf16" if precision.cpu_has_bf16() else "fp32")
+    assert precision.cpu_matmul_precision() == "fp32"  # on every CPU, bf16 units or not: comparable results
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.cpu_matmul_precision() == "fp32" and precision.training_precision("cpu") == "fp32"
+
+
+def test_bf16_runs_default_to_their_own_results_folder(monkeypatch):
+    from replicate.results import DEFAULT_ROOT, run_results_root
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv(precision.ENV, raising=False)
+    assert run_results_root(None) == DEFAULT_ROOT
+    monkeypatch.setenv(precision.ENV, "bf16")
+    assert run_results_root(None) == DEFAULT_ROOT / "cpu-bf16"
+    assert run_results_root("mine") == Path("mine")  # an explicit --results wins (check_precision guards it)
 
 
 def test_bf16_block_sets_onednn_and_unfused_attention_then_restores_both():

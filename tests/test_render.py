@@ -94,3 +94,64 @@ def test_a_row_being_rerun_shows_only_its_current_runs(tmp_path):
     line = next(ln for ln in text.splitlines() if "w/ pred" in ln)
     assert "80.0 (n=1)" in line and "stale" not in line
     assert "w/o pred. MLP (stale)" in text and "60.0 ± 0.0 (n=3)" in text
+
+
+def test_render_defaults_to_the_last_runs_folder_and_only_tables_with_results(tmp_path, monkeypatch, capsys):
+    """After a run into some folder, `python -m replicate.render` with no option shows that run's tables (and the
+    other profiles there with results), never the empty ones; `--results` given once is enough."""
+    from replicate.render import main
+    from replicate.results import remember_run
+
+    monkeypatch.setenv("REPLICATE_LAST_RUN", str(tmp_path / "last-run.json"))
+    spec, store, save = smoke_table8_store(tmp_path / "mine")
+    save("with_pred", 0, 80.0)
+    reduced = ResultStore(tmp_path / "mine", "reduced")
+    reduced.save("05_position_embedding", "sincos", 0, {"status": "ok", "metrics": {"linear": 70.0}})
+    remember_run(tmp_path / "mine", "smoke", "table8")
+    assert main([]) == 0
+    out, err = capsys.readouterr()
+    headings = [ln for ln in out.splitlines() if ln.startswith("## ")]
+    assert headings == ["## table5: Position embedding", "## table8: Prediction head"]  # the last run's last
+    assert "profile: **smoke**" in out.split("## table8")[1]
+    assert f"rendered from {tmp_path / 'mine'} (the folder the last run used" in err
+    assert (tmp_path / "mine" / "smoke" / f"{spec.key}.md").exists()
+    assert main(["--profile", "paper"]) == 1  # nothing there: one line saying so, no 15 empty tables
+    out, err = capsys.readouterr()
+    assert out == "" and "no results for profile paper" in err and "replicate run table5 --profile smoke" in err
+    assert main(["--profile", "smoke", "--all"]) == 0
+    assert capsys.readouterr().out.count("\n## ") == 14  # every study, on request
+
+
+def test_list_prints_the_names_run_takes_in_aligned_columns(capsys):
+    from replicate.__main__ import main
+    from replicate.spec import all_specs
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["study", "title", "paper"]
+    body = [ln for ln in lines[2:] if ln.strip()]
+    assert [ln.split()[0] for ln in body] == [s.name for s in all_specs()] and body[4].startswith("table5 ")
+    title_col = lines[0].index("title")
+    assert all(ln[title_col - 1] == " " and ln[title_col] != " " for ln in body)  # one column start for every title
+
+
+def test_the_notes_say_the_runs_own_setting(tmp_path):
+    spec = load_spec(find_spec("table5"))
+    text = render_table(spec, ResultStore(tmp_path, "reduced"))
+    assert "At the reduced profile" in text and "96 wide x 4 blocks" in text and "batch 128" in text
+    assert "Notes: ViT-B/16, 300 epochs, batch 4096" in text  # the paper's, from the spec, still there
+
+
+def test_grad_figure_shows_every_row_and_knn_legend_names_the_faint_lines(tmp_path, monkeypatch):
+    import replicate.figures as figures
+
+    spec = load_spec(find_spec("table5"))
+    curves = {"knn_steps": [10, 20], "knn_acc": [50.0, 60.0],
+              "series": {"grad_first_rel": [0.1, 0.2, 0.1], "grad_last_rel": [0.01, 0.02, 0.01]}}
+    records = {r.name: [{"status": "ok", "seed": s, "curves": curves} for s in (0, 1)] for r in spec.rows}
+    assert [row.name for row, _, _ in figures._grad_rows(spec, records)] == ["sincos", "learned", "none"]
+    legends = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: legends.append(
+        [t.get_text() for ax in fig.axes for t in (ax.get_legend().get_texts() if ax.get_legend() else [])]))
+    assert figures.plot_knn(spec, records, tmp_path / "knn.png")
+    assert any("other seeds (faint" in t for t in legends[0])

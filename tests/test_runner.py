@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import replicate.results
 import replicate.runner
 from replicate.precision import training_precision
 from replicate.results import ResultsError, ResultStore
@@ -109,8 +110,9 @@ def test_a_study_never_mixes_bf16_and_fp32_pretraining(tmp_path, monkeypatch):
     replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
     store = ResultStore(results, "smoke")
     store.path(spec.key, "other", 0).unlink()  # one row left to run, now on a machine that defaults to bf16
-    monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")
-    with pytest.raises(ResultsError, match="ref/seed0.*in fp32, .*REPLICATE_CPU_MATMUL=fp32 to match"):
+    monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")  # the opt-in, into an explicit --results folder of fp32 runs
+    with pytest.raises(ResultsError, match="ref/seed0.*in fp32, .*README, 'CPU precision'.* To match, run with "
+                                           "unset REPLICATE_CPU_MATMUL"):
         replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
     assert trained == ["ref", "other"]
     # ... nor reuses a run of another study that multiplied otherwise
@@ -119,7 +121,8 @@ def test_a_study_never_mixes_bf16_and_fp32_pretraining(tmp_path, monkeypatch):
     replicate.runner.run_table(spec, "smoke", results_root=results, progress=False, force=True)  # all rows in bf16
     assert trained == ["ref", "other", "ref", "other"]
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
-    with pytest.raises(ResultsError, match="in bf16 matmul, fp32 accumulate, this machine would pretrain in fp32"):
+    with pytest.raises(ResultsError, match="in bf16 matmul, fp32 accumulate, this run would pretrain in fp32.*"
+                                           "REPLICATE_CPU_MATMUL=bf16; or pass another --results DIR"):
         replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
 
 
@@ -183,3 +186,76 @@ def test_the_reduced_profile_is_the_calibrated_candidate():
     from replicate.profiles import REDUCED
 
     assert replace(candidate("w96-b32-e10-lr20"), name="reduced", notes=REDUCED.notes) == REDUCED
+
+
+def test_bf16_without_results_writes_apart_and_fp32_needs_no_variable(tmp_path, monkeypatch, capsys):
+    """The committed fp32 results and a bf16 CPU never meet: no variable is needed to add to the first, and the
+    opt-in writes to its own folder without --results."""
+    trained = []
+    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.results, "DEFAULT_ROOT", tmp_path / "results")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    spec = write_spec(tmp_path / "mix.yaml", 5, "  - {name: ref, label: reference}\n")
+    monkeypatch.delenv("REPLICATE_CPU_MATMUL", raising=False)
+    store = replicate.runner.run_table(spec, "smoke", progress=False)
+    assert store.root == tmp_path / "results" and trained == ["ref"]
+    monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")
+    store = replicate.runner.run_table(spec, "smoke", seeds=2, progress=False)  # no mixing error: its own folder
+    assert store.root == tmp_path / "results" / "cpu-bf16" and trained == ["ref", "ref", "ref"]
+    assert "results/cpu-bf16" in capsys.readouterr().err
+    monkeypatch.delenv("REPLICATE_CPU_MATMUL")
+    replicate.runner.run_table(spec, "smoke", seeds=2, progress=False)  # back to fp32: adds seed 1 to results/
+    assert trained == ["ref", "ref", "ref", "ref"]
+
+
+def test_progress_counts_the_runs_left_and_estimates_the_time(tmp_path, monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    clock = iter(range(0, 10_000, 100))  # every perf_counter call 100 s later: each row takes 100 s
+    monkeypatch.setattr(replicate.runner.time, "perf_counter", lambda: next(clock))
+    spec = write_spec(tmp_path / "eta.yaml", 5, "  - {name: ref, label: reference}\n"
+                                                "  - {name: other, label: other, set: {momentum: 0.9}}\n")
+    results = tmp_path / "results"
+    replicate.runner.run_table(spec, "smoke", seeds=1, results_root=results, progress=False)
+    capsys.readouterr()
+    replicate.runner.run_table(spec, "smoke", seeds=3, results_root=results, progress=False)
+    err = capsys.readouterr().err
+    assert "6 run(s): 2 with results already, 4 to run" in err
+    assert "seed 1: running (study: 0/4 run)" in err  # nothing finished yet: no estimate
+    assert "(0s; study: 1/4 run, about 5 min left)" in err  # 3 rows left at 100 s each (the fake says 0 s)
+    assert "study: 4/4 run)" in err and "left)" not in err.splitlines()[-1]
+
+
+def test_a_resumed_row_reports_its_whole_pretraining_time(tmp_path, monkeypatch, capsys):
+    def resumed_run_row(spec, row, profile, seed, store, data_root, progress=True):
+        record = fake_run_row([])(spec, row, profile, seed, store, data_root)
+        return {**record, "wall_time_s": 120.0, "pretrain_s": 500.0, "_pretrained_before_s": 400.0}
+
+    monkeypatch.setattr(replicate.runner, "run_row", resumed_run_row)
+    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    spec = write_spec(tmp_path / "resumed.yaml", 5, "  - {name: ref, label: reference}\n")
+    store = replicate.runner.run_table(spec, "smoke", results_root=tmp_path / "results", progress=False)
+    assert "(pretraining 500s in total, 400s of it before the resume; 120s in this run;" in capsys.readouterr().err
+    assert "_pretrained_before_s" not in json.loads(store.path(spec.key, "ref", 0).read_text())
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_an_interrupted_row_says_where_it_picks_up(tmp_path, monkeypatch, capsys, checkpoint):
+    from replicate.__main__ import main
+
+    def interrupted(spec, row, profile, seed, store, data_root, progress=True):
+        if checkpoint:
+            path = store.checkpoint_path(spec.key, row.name, seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replicate.runner, "run_row", interrupted)
+    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    assert main(["run", "table8", "--profile", "smoke", "--results", str(tmp_path), "--no-render"]) == 130
+    err = capsys.readouterr().err
+    said = "resumes from its last checkpoint" if checkpoint else "starts over (it had not reached its first checkpoint)"
+    assert f"with_pred seed 0: interrupted; the next run of this study {said}" in err
+    assert err.strip().endswith("interrupted: finished rows are saved; the same command continues the study")

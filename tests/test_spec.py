@@ -71,3 +71,22 @@ def test_cli_malformed_spec_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "pos_embd: unknown key" in r.stderr
     assert not (tmp_path / "res").exists()  # validated before anything ran
+
+
+@pytest.mark.parametrize("body, hint", [
+    ("rows: [{name: a, label: A}]\nnotse: x", "notse: unknown key (did you mean 'notes'?)"),
+    ("rows: [{name: a, label: A, paperr: 70.1}]", "rows[0].paperr: unknown key (did you mean 'paper'?)"),
+    ("rows: [{name: a, lable: A}]", "rows[0].label: required key is missing (is the unknown key 'lable' a typo for "
+                                    "it?)"),
+    ("rows: [{name: a, label: A, set: {pos_embd: none}}]", "rows[0].set.pos_embd: unknown key (did you mean "
+                                                           "'pos_embed'?)"),
+    ("base: {momentun: 0.9}\nrows: [{name: a, label: A}]", "base.momentun: unknown key (did you mean 'momentum'?)"),
+    ("rows: [{name: a, label: A, colour: red}]", "rows[0].colour: unknown key (allowed: name, label, set, paper, vs, "
+                                                 "note)"),
+])
+def test_a_mistyped_key_suggests_the_closest_allowed_one_at_every_level(tmp_path, body, hint):
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"id: 5\ntitle: t\npaper_ref: r\nreference: a\n{body}\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert str(e.value) == f"{path}: {hint}"
