@@ -19,7 +19,7 @@ from .atomic import atomic_open
 from .instability import record_summary
 from .results import ResultStore
 from .spec import Spec
-from .stats import RowStats, _delta, _mean_delta, metric_keys, paper_delta
+from .stats import RowStats, _delta, _mean_delta, metric_keys, paper_delta, verdict_noise
 
 DPI = 100
 
@@ -150,10 +150,7 @@ def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], 
         pd = paper_delta(spec, row)
         if d is None:  # not run (yet): nothing of ours to compare
             continue
-        noise = None
-        if spec.kind != "transfer" and o.std(metrics[0]) is not None and b.std(metrics[0]) is not None:
-            noise = 2 * math.sqrt(o.std(metrics[0]) ** 2 / len(o.values(metrics[0]))
-                                  + b.std(metrics[0]) ** 2 / len(b.values(metrics[0])))
+        noise = None if spec.kind == "transfer" else verdict_noise(o, b, metrics[0])
         labels.append(row.label)
         paper.append(math.nan if pd is None else pd)
         ours.append(d)
@@ -166,7 +163,7 @@ def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], 
     what = "mean over targets" if spec.kind == "transfer" else metrics[0]
     has_err = not all(math.isnan(e) for e in errs)
     ax.barh([y + 0.2 for y in ys], ours, height=0.38, color="tab:orange", xerr=errs if has_err else None,
-            capsize=2, label=f"ours Δ ({what}{'; whisker: 2 s.e.' if has_err else ''})")
+            capsize=2, label=f"ours Δ ({what}{'; whisker: 2 s.e., paired by seed' if has_err else ''})")
     ax.set_yticks(list(ys), labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)

@@ -6,7 +6,9 @@ renders every profile with results in the folder the last ``replicate run`` used
 stored config is not what the spec resolves to now are marked stale.
 
 Verdict (per row, against its baseline row: the spec's reference, or the row named by ``vs``):
-  noise = 2 * sqrt(s_row^2 / n_row + s_base^2 / n_base), the two-standard-error band of our delta over seeds;
+  noise = two standard errors of our delta over seeds, the rows paired by seed (2 * sd(d_s) / sqrt(n), d_s the
+  row's value minus the baseline's in seed s, over the seeds both ran); where fewer than two seeds are common,
+  unpaired: 2 * sqrt(s_row^2 / n_row + s_base^2 / n_base). The cell shows both bands;
   "reproduces"   our delta has the paper's sign and exceeds the noise;
   "within noise" |our delta| <= noise (no effect resolved at this scale and seed count);
   "opposite"     our delta has the other sign and exceeds the noise;
@@ -27,7 +29,17 @@ from .atomic import atomic_write_text
 from .profiles import PROFILES, get_profile
 from .results import DEFAULT_ROOT, ResultStore, config_changes, is_current, last_run
 from .spec import Row, Spec, all_specs
-from .stats import DASH, RowStats, _delta, _mean_delta, metric_keys, paper_delta
+from .stats import (
+    DASH,
+    RowStats,
+    _delta,
+    _mean_delta,
+    metric_keys,
+    paired_noise,
+    paper_delta,
+    unpaired_noise,
+    verdict_noise,
+)
 
 PAPER_NOISE = 0.3
 
@@ -52,17 +64,18 @@ def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) 
     m_r, m_b = ours.mean(metric), base.mean(metric)
     if m_r is None or m_b is None:
         return DASH
-    n_r, n_b = len(ours.values(metric)), len(base.values(metric))
-    if n_r < 2 or n_b < 2:
+    unpaired = unpaired_noise(ours, base, metric)
+    if unpaired is None:
         return "? (1 seed)"
-    noise = 2 * math.sqrt(ours.std(metric) ** 2 / n_r + base.std(metric) ** 2 / n_b)
+    paired, noise = paired_noise(ours, base, metric), verdict_noise(ours, base, metric)
+    band = f"±{unpaired:.1f}" if paired is None else f"±{paired:.1f} paired, ±{unpaired:.1f} unpaired"
     d = m_r - m_b
     small = " (paper Δ small)" if abs(paper_d) <= PAPER_NOISE else ""
     if abs(d) <= noise:
-        return f"within noise (±{noise:.1f}){small}"
+        return f"within noise ({band}){small}"
     if paper_d == 0 or (d > 0) == (paper_d > 0):
-        return f"reproduces (±{noise:.1f}){small}"
-    return f"opposite (±{noise:.1f}){small}"
+        return f"reproduces ({band}){small}"
+    return f"opposite ({band}){small}"
 
 
 def rendered_records(spec: Spec, store: ResultStore) -> dict[str, list[dict]]:

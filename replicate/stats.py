@@ -6,6 +6,7 @@ our delta (``_delta``, ``_mean_delta``) and which metrics a table shows (``metri
 """
 from __future__ import annotations
 
+import math
 import statistics
 
 from .profiles import get_profile
@@ -34,6 +35,10 @@ class RowStats:
 
     def values(self, metric: str) -> list[float]:
         return [r["metrics"][metric] for r in self.ok if r.get("metrics", {}).get(metric) is not None]
+
+    def by_seed(self, metric: str) -> dict[int, float]:
+        return {r.get("seed", 0): r["metrics"][metric] for r in self.ok
+                if r.get("metrics", {}).get(metric) is not None}
 
     def mean(self, metric: str) -> float | None:
         v = self.values(metric)
@@ -70,6 +75,31 @@ def metric_keys(spec: Spec, records: dict[str, list[dict]], profile: str) -> lis
                     found.append(k)
     primary = spec.metric if spec.metric in found or not found else found[0]
     return [primary] + [k for k in found if k != primary]
+
+
+def unpaired_noise(ours: RowStats, base: RowStats, metric: str) -> float | None:
+    """Two standard errors of our delta over seeds, the rows taken as independent samples:
+    2 * sqrt(s_row^2 / n_row + s_base^2 / n_base). None with fewer than two seeds on either side."""
+    s_r, s_b = ours.std(metric), base.std(metric)
+    if s_r is None or s_b is None:
+        return None
+    return 2 * math.sqrt(s_r ** 2 / len(ours.values(metric)) + s_b ** 2 / len(base.values(metric)))
+
+
+def paired_noise(ours: RowStats, base: RowStats, metric: str) -> float | None:
+    """Two standard errors of our delta with the rows paired by seed: 2 * sd(d_s) / sqrt(n) over the n seeds both
+    rows ran, d_s = row - baseline in seed s. Rows of a study with one seed share that seed's data order,
+    augmentation draws and, where shapes match, initial weights, so what the seed does to both cancels in d_s.
+    None with fewer than two common seeds."""
+    a, b = ours.by_seed(metric), base.by_seed(metric)
+    d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    return 2 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+
+
+def verdict_noise(ours: RowStats, base: RowStats, metric: str) -> float | None:
+    """The band the verdict uses: paired where two seeds are common, else unpaired."""
+    paired = paired_noise(ours, base, metric)
+    return unpaired_noise(ours, base, metric) if paired is None else paired
 
 
 def _delta(ours: RowStats, base: RowStats, metric: str) -> float | None:

@@ -32,6 +32,25 @@ def test_verdict_rule():
     assert "(paper Δ small)" in verdict(-0.2, rows(68.0, 68.1, 67.9), base, "linear")
 
 
+def seeded(*vals, seeds=None):
+    return RowStats([{"status": "ok", "seed": s, "metrics": {"linear": v}}
+                     for s, v in zip(seeds or range(len(vals)), vals)])
+
+
+def test_verdict_pairs_rows_by_seed():
+    """The seeds move both rows alike: the paired band (2 sd(d_s)/sqrt(n)) resolves a delta the unpaired one hides.
+    Written out: d_s = -0.3, -0.4, -0.2 -> sd 0.1, band 2 * 0.1 / sqrt(3) = 0.115; unpaired band
+    2 * sqrt(1.11 / 3 + 1.0 / 3) = 1.68 (variances 1.11 and 1.0)."""
+    base = seeded(69.0, 70.0, 71.0)
+    row = seeded(68.7, 69.6, 70.8)
+    v = verdict(-1.6, row, base, "linear")
+    assert v == "reproduces (±0.1 paired, ±1.7 unpaired)"
+    # the same values in other seeds than the baseline's: nothing to pair, the unpaired band decides
+    assert verdict(-1.6, seeded(68.7, 69.6, 70.8, seeds=[5, 6, 7]), base, "linear") == "within noise (±1.7)"
+    # anti-correlated seeds: pairing widens the band rather than hiding it
+    assert verdict(-1.6, seeded(71.7, 69.6, 67.8), base, "linear").startswith("within noise")
+
+
 def test_unrun_table_shows_paper_numbers_and_dashes(tmp_path):
     spec = load_spec(find_spec("table3"))
     text = render_table(spec, ResultStore(tmp_path, "reduced"))
