@@ -21,6 +21,7 @@ batch (``batch_scale``) and its lr and lr floor (``lr_scale``), as it scales pre
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,9 +30,10 @@ import torch
 from replicate import distributed as D
 from replicate.config import RunConfig, Setting
 from replicate.data import is_tensor_dataset, load_tensor_dataset, pretraining_split
+from replicate.export import read_backbone_file
 from replicate.precision import training_precision
 from replicate.profiles import Profile
-from replicate.results import ResultStore
+from replicate.results import ResultsError, ResultStore
 from replicate.spec import FINETUNE_ONLY
 
 from .finetune import PAPER_IMAGENET_FINETUNE, FinetuneDiverged, FinetuneRecipe, finetune
@@ -81,7 +83,13 @@ def reused_pretraining(store: ResultStore, pcfg: RunConfig) -> tuple[dict | None
     found = D.broadcast_from_main(found)
     if found is None:
         return None, None
-    return torch.load(found[0], map_location="cpu", weights_only=True)["backbone"], found[1]
+    try:
+        state, _ = read_backbone_file(Path(found[0]), f"replicate run --force on {found[1]}'s study")
+    except ResultsError as e:  # every rank reads the same file, so every rank falls back alike
+        if D.is_main():
+            print(f"warning: {e}; pretraining this row instead of reusing {found[1]}", file=sys.stderr, flush=True)
+        return None, None
+    return state, found[1]
 
 
 def e2e_data(cfg: RunConfig, recipe: FinetuneRecipe, data_root: str | None):

@@ -131,6 +131,9 @@ def add_evaluate_parser(sub, profiles: str) -> None:
     evaluate.add_argument("--results", default=None, metavar="DIR",
                           help="results root the evaluation record goes to. Default: the repository's results/")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument("--trust-checkpoint", action="store_true",
+                          help="unpickle a checkpoint that holds Python objects beyond tensors (refused by default: "
+                               "unpickling can run code); only for a file from a source you trust")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +208,7 @@ def evaluate_command(args) -> int:
 
     metrics, path = evaluate_checkpoint(args.checkpoint, args.profile, args.arch, args.row, args.seed,
                                         args.data_root, args.results,
-                                        progress=not args.quiet and sys.stderr.isatty())
+                                        progress=not args.quiet and sys.stderr.isatty(), trust=args.trust_checkpoint)
     if D.is_main():
         print(", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         print(f"-> {path}", file=sys.stderr)

@@ -23,7 +23,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from .checkpoint import atomic_torch_save
+from .checkpoint import atomic_torch_save, load_problem, safe_load
 from .config import RunConfig
 from .model import timm_vit_kwargs
 from .profiles import get_profile
@@ -82,7 +82,19 @@ def load_row_backbone(store: ResultStore, spec: Spec, row: str, seed: int) -> tu
         raise ResultsError(f"no backbone for {where}: {path} is missing (the row finished before backbones were kept, "
                            f"or the results were copied without them); run the table first: "
                            f"{run_command(spec, store.profile)} --force")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return read_backbone_file(path, f"{run_command(spec, store.profile)} --force")
+
+
+def read_backbone_file(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], RunConfig]:
+    """A ``seed<K>.backbone.pt``'s state dict and config (``safe_load``: plain data only); an unreadable or damaged
+    file is a one-line ResultsError naming it, with ``fix`` (the command that writes it again)."""
+    try:
+        state = safe_load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise ResultsError(f"backbone file {path} is {load_problem(e)}; write it again: {fix}") from None
+    if (not isinstance(state, dict) or state.get("format") != BACKBONE_FORMAT
+            or not isinstance(state.get("backbone"), dict) or not isinstance(state.get("config"), dict)):
+        raise ResultsError(f"backbone file {path} is not a {BACKBONE_FORMAT} file; write it again: {fix}")
     return state["backbone"], stored_config(state["config"], path)
 
 
