@@ -32,7 +32,7 @@ from replicate.config import RunConfig, Setting
 from replicate.data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from replicate.export import read_backbone_file
 from replicate.precision import training_precision
-from replicate.profiles import Profile
+from replicate.profiles import Profile, scaled
 from replicate.results import ResultsError, ResultStore
 from replicate.spec import FINETUNE_ONLY
 
@@ -53,7 +53,8 @@ def small_base(profile: Profile) -> FinetuneRecipe:
 def e2e_recipe(setting: Setting, profile: Profile) -> FinetuneRecipe:
     """A row's fine-tuning recipe at a profile (at the paper's, the DeiT recipe with the row's epochs and drop path)."""
     base = PAPER_IMAGENET_FINETUNE if not is_tensor_dataset(profile.dataset) else small_base(profile)
-    epochs = max(1, round((setting.finetune_epochs or base.epochs) * profile.epoch_scale))
+    epochs = scaled(setting.finetune_epochs or base.epochs, profile.epoch_scale, 1, "finetune_epochs", profile.name,
+                    "epochs")  # a ResolveError, never a silent round up to 1
     batch = max(2, round(base.batch * profile.batch_scale))
     lr_factor = profile.lr_scale * batch / base.batch  # the floor keeps its fraction of the peak lr
     drop_path = base.drop_path if setting.finetune_drop_path is None else setting.finetune_drop_path

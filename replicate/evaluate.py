@@ -36,7 +36,7 @@ from .config import RunConfig, Setting
 from .export import BACKBONE_FORMAT, MOCO_PREFIX, stored_config
 from .profiles import get_profile
 from .results import ResultsError, ResultStore, config_changes, provenance
-from .spec import SpecError, find_spec, load_spec
+from .spec import SpecError, check_profile, find_spec, load_spec
 
 DEFAULT_PROFILE = "paper"  # a checkpoint without our config is most likely a paper-scale ViT
 
@@ -117,6 +117,7 @@ def row_config(value: str, profile: str, seed: int) -> RunConfig:
     names = [r.name for r in spec.rows]
     if row not in names:
         raise SpecError(f"--row {value}: {spec.name} has no row {row!r}; its rows: {', '.join(names)}")
+    check_profile(spec, get_profile(profile))
     return get_profile(profile).resolve(spec.setting(spec.row(row)), seed=seed)
 
 

@@ -28,7 +28,7 @@ from .config import RunConfig
 from .model import timm_vit_kwargs
 from .profiles import get_profile
 from .results import ResultsError, ResultStore, config_changes
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, check_profile
 
 BACKBONE_FORMAT = "replicate-backbone/1"
 MOCO_PREFIX = "module.base_encoder."  # the official MoCo wrapper under DistributedDataParallel
@@ -147,6 +147,7 @@ def export_row(spec: Spec, row: str, profile: str, seed: int, fmt: str, out: str
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     store = ResultStore(results_root, profile)
+    check_profile(spec, get_profile(profile))
     state, cfg = load_row_backbone(store, spec, row, seed)
     now = get_profile(profile).resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json")
     changes = config_changes(cfg.model_dump(mode="json"), now)

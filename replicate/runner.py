@@ -16,7 +16,7 @@ from .instability import summarize
 from .precision import CHOICES, LABELS, training_precision
 from .profiles import Profile, get_profile
 from .results import ResultsError, ResultStore, config_changes, is_current, provenance, record_precision
-from .spec import Row, Spec
+from .spec import Row, Spec, check_batch_fits, check_profile
 from .trainer import PretrainResult, pretrain
 
 
@@ -173,10 +173,11 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
 
 
 def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
-    """Everything a run reads must be there before anything is written: a DataError here leaves no trace."""
+    """Everything a run reads must be there before anything is written: a DataError here leaves no trace, nor does
+    a row whose batch exceeds the data (in-memory datasets; an ImageFolder is not counted)."""
     cfg = profile.resolve(spec.setting(spec.row(spec.reference)))
     if is_tensor_dataset(cfg.dataset):
-        pretraining_split(cfg, data_root)
+        check_batch_fits(spec, profile, len(pretraining_split(cfg, data_root)))
     else:
         from .data import imagenet_folder
 
@@ -210,6 +211,7 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
     equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
     it stale), and the log names the fields that changed."""
     profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
+    check_profile(spec, profile)  # every row resolves at this profile (a SpecError names row and key)
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     store = ResultStore(results_root, profile.name)
     precision = training_precision("cuda" if torch.cuda.is_available() else "cpu")
@@ -275,4 +277,5 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
 
 def resolved_settings(spec: Spec, profile_name: str) -> list[tuple[Row, Setting, RunConfig]]:
     profile = get_profile(profile_name)
+    check_profile(spec, profile)
     return [(row, spec.setting(row), profile.resolve(spec.setting(row))) for row in spec.rows]
