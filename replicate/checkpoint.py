@@ -25,13 +25,23 @@ import torch
 
 from .atomic import atomic_open
 from .config import RunConfig
+from .precision import step_precision
 
 # Fields that change when a run saves, not what it computes: a different interval may resume a checkpoint.
 NOT_FINGERPRINTED = {"checkpoint_every"}
 
 
-def config_fingerprint(cfg: RunConfig) -> str:
-    return hashlib.sha256(cfg.model_dump_json(exclude=NOT_FINGERPRINTED).encode()).hexdigest()[:16]
+def config_fingerprint(cfg: RunConfig, precision: str | None = None) -> str:
+    """What a checkpoint must have been computed with to be resumed: the config and how this machine multiplies
+    (``precision.step_precision``; default: this process's), so a row started in bf16 never resumes in fp32."""
+    precision = precision or this_precision()
+    what = cfg.model_dump_json(exclude=NOT_FINGERPRINTED) + f"|precision={precision}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def this_precision() -> str:
+    """How this process's training steps multiply (``precision.step_precision``)."""
+    return step_precision("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def safe_load(path):
@@ -81,7 +91,7 @@ def save_checkpoint(path, cfg: RunConfig, model, optimizer, monitor, step: int, 
     atomic_torch_save({
         "fingerprint": config_fingerprint(cfg), "step": step, "wall_time_s": wall_time_s,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "monitor": monitor.state_dict(),
-        "rng": rng_states(),
+        "rng": rng_states(), "precision": this_precision(),
     }, path)
 
 
@@ -107,7 +117,10 @@ def load_verified(path, fingerprint: str, required: set[str]) -> dict:
         if not isinstance(state, dict) or not required <= state.keys():
             reason = "not a checkpoint of this suite"
         elif state["fingerprint"] != fingerprint:
-            reason = "written for a different configuration"
+            started = state.get("precision")
+            reason = (f"started with {started} matmuls, and this process multiplies in {this_precision()} "
+                      f"($REPLICATE_CPU_MATMUL): a run must not mix them" if started not in (None, this_precision())
+                      else "written for a different configuration")
     except Exception as e:  # noqa: BLE001 - any unreadable file is treated the same way
         reason = load_problem(e)
     if reason:

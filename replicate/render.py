@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from .atomic import atomic_write_text
 from .profiles import PROFILES, get_profile
-from .results import ResultStore, config_changes, is_current
+from .results import ResultStore, UnreadableFile, config_changes, is_current
 from .spec import Row, Spec, all_specs
 from .stats import DASH, RowStats, _delta, _mean_delta, metric_keys, paper_delta
 
@@ -64,9 +64,21 @@ def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) 
     return f"opposite (±{noise:.1f}){small}"
 
 
+def unreadable_rows(spec: Spec, store: ResultStore, warn: bool = False) -> dict[str, list[str]]:
+    """Rows with a result file that cannot be read -> those files' names; ``warn``: one stderr line per file (the
+    table marks the row, its other seeds still count, and every other row and study renders as usual)."""
+    _, bad = store.scan(spec.key)
+    if warn:
+        for errors in bad.values():
+            for e in errors:
+                print(f"warning: {e}", file=sys.stderr)
+    return {row: [e.path.name for e in errors] for row, errors in bad.items()}
+
+
 def rendered_records(spec: Spec, store: ResultStore) -> dict[str, list[dict]]:
     """The runs a study's table shows, per row: once a row's re-run has begun, only its runs made with the config the
-    spec resolves to now (a mean never mixes two configs); a row with none shows its stale runs, marked stale."""
+    spec resolves to now (a mean never mixes two configs); a row with none shows its stale runs, marked stale.
+    Unreadable result files are left out (``unreadable_rows``)."""
     records = store.table_records(spec.key)
     if store.profile not in PROFILES:
         return records
@@ -95,6 +107,7 @@ def stale_rows(spec: Spec, records: dict[str, list[dict]], profile: str) -> dict
 
 def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     records = rendered_records(spec, store)
+    unreadable = unreadable_rows(spec, store, warn=True)
     stale = stale_rows(spec, records, store.profile)
     metrics = metric_keys(spec, records, store.profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
@@ -106,7 +119,8 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
         is_base = row.name == spec.baseline_of(row).name
         pd = paper_delta(spec, row)
-        label = row.label + (" (stale)" if row.name in stale else "")
+        label = row.label + (" (stale)" if row.name in stale else "") + (
+            f" (unreadable: {', '.join(unreadable[row.name])})" if row.name in unreadable else "")
         if transfer:
             paper_cells = [_fmt(row.paper.get(t)) if isinstance(row.paper, dict) else "n/a"
                            for t in spec.paper_targets]
@@ -138,6 +152,9 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
         lines += [f"**Stale** rows ({', '.join(stale)}) were run with a config the spec no longer resolves to "
                   f"(e.g. {first[0]}{' and more' if len(first) > 1 else ''}): `replicate run {spec.name} --profile "
                   f"{store.profile}` re-runs them.", ""]
+    if unreadable:
+        lines += [f"**Unreadable** result files ({', '.join(f'{r}/{n}' for r, ns in unreadable.items() for n in ns)}) "
+                  "are left out of their rows: restore them or re-run those rows with `replicate run`.", ""]
     lines += _footer(spec, store, transfer, records)
     figures = _figures(spec, store, records) if write and records else []
     lines += figures
@@ -197,7 +214,13 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
     if spec.kind == "finetune":
         lines += [f"Top-1 after end-to-end fine-tuning on the pretraining data's own labels; each row's recipe at this "
                   f"profile: `replicate show {spec.name} --profile {store.profile}`.", ""]
-    base = store.load_baselines()
+    try:
+        base = store.load_baselines()
+    except UnreadableFile as e:
+        base = None
+        if spec.kind == "pretrain":
+            print(f"warning: {e}", file=sys.stderr)
+            lines += [f"Baselines: {e.path.name} is unreadable ({e.why}); `replicate run` computes them again.", ""]
     if base and spec.kind == "pretrain":  # frozen-feature baselines: what a pretraining study's metrics mean
         px, rb = base["raw_pixels"], base["random_backbone"]
         fmt = ", ".join
@@ -329,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.results and not Path(args.results).is_dir():
         print(f"error: results folder {args.results} does not exist", file=sys.stderr)
         return 2
-    out = [render_table(spec, store, write=True) for spec in specs]
+    from .atomic import WriteError
+
+    try:
+        out = [render_table(spec, store, write=True) for spec in specs]
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n\n".join(out))
     return 0
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
+from .atomic import remove_leftovers
 from .config import RunConfig, Setting
 from .data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from .instability import summarize
 from .precision import CHOICES, LABELS, training_precision
 from .profiles import Profile, get_profile
-from .results import ResultsError, ResultStore, config_changes, is_current, provenance, record_precision
+from .results import ResultsError, ResultStore, UnreadableFile, config_changes, is_current, provenance, record_precision
 from .spec import Row, Spec, check_batch_fits, check_profile
 from .trainer import PretrainResult, pretrain
 
@@ -221,7 +222,12 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
         if not force:
             check_precision(spec, profile, store, precision)
         store.claim(spec.key, spec.source)
-    baselines = store.load_baselines() if D.is_main() else None
+    baselines = None
+    if D.is_main():
+        try:
+            baselines = store.load_baselines()
+        except UnreadableFile as e:  # derived data: computed again below, and said so
+            log(f"[{profile.name}] baselines {e.path} unreadable ({e.why}): computing them again")
     now = baseline_key(profile.resolve(spec.setting(spec.row(spec.reference))))
     if (spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and D.is_main()
             and (baselines is None or baselines.get("depends_on") != now)):
@@ -234,8 +240,18 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
         # only rank 0 takes the row lock (the others would wait on it forever) and tells them whether to skip
         with store.lock(spec.key, row.name, seed) if D.is_main() else contextlib.nullcontext():
             skip = False
+            if D.is_main():  # temp files a crash mid-write left (a checkpoint's may be GBs): no one else writes them now
+                gone = [name for folder in (store.row_dir(spec.key, row.name),
+                                            store.checkpoint_path(spec.key, row.name, seed).parent)
+                        for name in remove_leftovers(folder, f"seed{seed}")]
+                if gone:
+                    log(f"{head}: removed {len(gone)} temp file(s) an interrupted write left: {', '.join(gone)}")
             if D.is_main() and not force:
-                old = store.load(spec.key, row.name, seed)
+                try:
+                    old = store.load(spec.key, row.name, seed)
+                except UnreadableFile as e:  # never taken for a missing result in silence
+                    log(f"{head}: stored result {e.path} is unreadable ({e.why}): re-running the row over it")
+                    old = None
                 changes = config_changes(old.get("config"), config) if old is not None else None
                 if changes == []:
                     log(f"{head}: done already (use --force to re-run)")
