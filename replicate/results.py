@@ -60,10 +60,12 @@ def baselines_problem(record) -> str | None:
     """Why a parsed baselines.json is not one (``runner.compute_baselines``), or None."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not the baselines"
-    for key, kind in (("raw_pixels", dict), ("random_backbone", dict), ("depends_on", dict), ("dataset", str),
-                      ("train_images", int), ("test_images", int)):
+    for key, kind in (("raw_pixels", dict), ("random_backbone", dict), ("dataset", str), ("train_images", int),
+                      ("test_images", int)):
         if not isinstance(record.get(key), kind):
             return f"no {key} in it"
+    if not isinstance(record.get("depends_on", {}), dict):  # absent in files from before it was recorded
+        return "its depends_on is not a mapping"
     return None
 
 

@@ -373,3 +373,19 @@ def test_atomic_open_keeps_other_errors(tmp_path):
             f.write("a")
             raise ZeroDivisionError
     assert not list(tmp_path.iterdir())
+
+
+def test_every_committed_result_and_baselines_file_is_readable():
+    """The checks that flag a damaged file never flag a committed one (older layouts included)."""
+    from replicate.results import baselines_problem, read_json, record_problem
+
+    repo = Path(__file__).resolve().parent.parent
+    files = 0
+    for root in (repo / "results", repo / "docs" / "reduced-scale" / "runs"):
+        for f in root.rglob("seed*.json"):
+            assert read_json(f, record_problem, "") is not None
+            files += 1
+        for f in root.rglob("baselines.json"):
+            assert read_json(f, baselines_problem, "") is not None
+            files += 1
+    assert files > 100
