@@ -21,6 +21,7 @@ batch (``batch_scale``) and its lr and lr floor (``lr_scale``), as it scales pre
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,9 +30,10 @@ import torch
 from replicate import distributed as D
 from replicate.config import RunConfig, Setting
 from replicate.data import is_tensor_dataset, load_tensor_dataset, pretraining_split
+from replicate.export import read_backbone_file
 from replicate.precision import training_precision
-from replicate.profiles import Profile
-from replicate.results import ResultStore
+from replicate.profiles import Profile, scaled
+from replicate.results import ResultsError, ResultStore
 from replicate.spec import FINETUNE_ONLY
 
 from .finetune import PAPER_IMAGENET_FINETUNE, FinetuneDiverged, FinetuneRecipe, finetune
@@ -51,7 +53,8 @@ def small_base(profile: Profile) -> FinetuneRecipe:
 def e2e_recipe(setting: Setting, profile: Profile) -> FinetuneRecipe:
     """A row's fine-tuning recipe at a profile (at the paper's, the DeiT recipe with the row's epochs and drop path)."""
     base = PAPER_IMAGENET_FINETUNE if not is_tensor_dataset(profile.dataset) else small_base(profile)
-    epochs = max(1, round((setting.finetune_epochs or base.epochs) * profile.epoch_scale))
+    epochs = scaled(setting.finetune_epochs or base.epochs, profile.epoch_scale, 1, "finetune_epochs", profile.name,
+                    "epochs")  # a ResolveError, never a silent round up to 1
     batch = max(2, round(base.batch * profile.batch_scale))
     lr_factor = profile.lr_scale * batch / base.batch  # the floor keeps its fraction of the peak lr
     drop_path = base.drop_path if setting.finetune_drop_path is None else setting.finetune_drop_path
@@ -81,7 +84,13 @@ def reused_pretraining(store: ResultStore, pcfg: RunConfig) -> tuple[dict | None
     found = D.broadcast_from_main(found)
     if found is None:
         return None, None
-    return torch.load(found[0], map_location="cpu", weights_only=True)["backbone"], found[1]
+    try:
+        state, _ = read_backbone_file(Path(found[0]), f"replicate run --force on {found[1]}'s study")
+    except ResultsError as e:  # every rank reads the same file, so every rank falls back alike
+        if D.is_main():
+            print(f"warning: {e}; pretraining this row instead of reusing {found[1]}", file=sys.stderr, flush=True)
+        return None, None
+    return state, found[1]
 
 
 def e2e_data(cfg: RunConfig, recipe: FinetuneRecipe, data_root: str | None):

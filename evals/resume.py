@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from replicate import distributed as D
-from replicate.checkpoint import CheckpointError, atomic_torch_save, load_verified, rng_states, set_rng_states
+from replicate.checkpoint import CheckpointError, atomic_torch_save, load_verified, rng_states, safe_load, set_rng_states
 
 REQUIRED_KEYS = {"fingerprint", "state", "rng"}
 
@@ -58,7 +58,7 @@ def load_state(path: Path | None, tag: str) -> dict | None:
     if not D.broadcast_from_main(saved is not None):
         return None
     if saved is None:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = safe_load(path)  # rank 0 found it valid
     if D.rank() < len(saved["rng"]):  # resumed on more processes than saved: the new ones keep their own draws
         set_rng_states(saved["rng"][D.rank()])
     return saved["state"]

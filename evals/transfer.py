@@ -16,13 +16,14 @@ reduced pretrains on Fashion-MNIST 0-4 and transfers to scikit-learn digits (ano
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from replicate import distributed as D
-from replicate.checkpoint import atomic_torch_save, config_fingerprint
+from replicate.checkpoint import atomic_torch_save, config_fingerprint, load_problem, safe_load
 from replicate.config import RunConfig
 from replicate.data import (
     FMNIST_SIZE,
@@ -126,8 +127,14 @@ def initial_backbone(cfg: RunConfig, data_root: str | None, ckpt_path: Path | No
         return None
     cache = backbone_cache(ckpt_path)
     if cache is not None and cache.exists():
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == config_fingerprint(cfg):
+        try:
+            saved = safe_load(cache)
+        except Exception as e:  # noqa: BLE001 - a damaged cache is computed again
+            saved = None
+            if D.is_main():
+                print(f"warning: cached backbone {cache} is {load_problem(e)}; computing it again", file=sys.stderr,
+                      flush=True)
+        if isinstance(saved, dict) and saved.get("fingerprint") == config_fingerprint(cfg):
             return saved["backbone"]
     state = (moco_backbone(cfg, data_root, ckpt_path, progress) if init == "pretrained"
              else supervised_backbone(cfg, data_root, progress))

@@ -22,6 +22,7 @@ environment (runtime knobs; they change speed, not what a row means):
   REPLICATE_COMPILE=1|0            torch.compile the ViTs (default: on GPU only)
   REPLICATE_CHECKPOINT_EVERY=N     checkpoint interval in iterations (default: the profile's)
   REPLICATE_PROBE_BF16=1|0         paper linear probe's backbone forward in bf16 on GPU (default 0: fp32, as official)
+  REPLICATE_PEER_TIMEOUT=SECONDS   torchrun: a stopped peer ends the run after this long (default: torch's, 30 min)
   REPLICATE_MALLOC=default         leave glibc's allocator settings alone on CPU
   OMP_WAIT_POLICY                  PASSIVE unless set (idle OpenMP threads sleep: no collapse on a busy machine)
 """
@@ -135,13 +136,17 @@ def add_evaluate_parser(sub, profiles: str) -> None:
     evaluate.add_argument("--results", default=None, metavar="DIR",
                           help="results root the evaluation record goes to. Default: the repository's results/")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument("--trust-checkpoint", action="store_true",
+                          help="unpickle a checkpoint that holds Python objects beyond tensors (refused by default: "
+                               "unpickling can run code); only for a file from a source you trust")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .atomic import WriteError
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .distributed import LaunchError, shutdown
+    from .distributed import LaunchError, peer_failure, shutdown
     from .evaluate import CheckpointLoadError
     from .precision import PrecisionError, cpu_matmul_precision
     from .results import ResultsError
@@ -178,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         from evals.linear import probe_bf16
 
         probe_bf16()  # and a mistyped $REPLICATE_PROBE_BF16
+        from .distributed import peer_timeout
+
+        peer_timeout()  # and $REPLICATE_PEER_TIMEOUT
         from .runner import run_table
 
         store = run_table(spec, args.profile, args.seeds, args.force, args.data_root, args.results,
@@ -194,8 +202,14 @@ def main(argv: list[str] | None = None) -> int:
             print(render_table(spec, store, write=True))
         return 0
     except (SpecError, DataError, ResultsError, CheckpointError, CheckpointLoadError, LaunchError,
-            PrecisionError) as e:
+            PrecisionError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a collective that failed because another torchrun process stopped
+        line = peer_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command != "run":
@@ -215,7 +229,7 @@ def evaluate_command(args) -> int:
 
     metrics, path = evaluate_checkpoint(args.checkpoint, args.profile, args.arch, args.row, args.seed,
                                         args.data_root, args.results,
-                                        progress=not args.quiet and sys.stderr.isatty())
+                                        progress=not args.quiet and sys.stderr.isatty(), trust=args.trust_checkpoint)
     if D.is_main():
         print(", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         print(f"-> {path}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,17 +34,53 @@ def is_main() -> bool:
     return rank() == 0
 
 
+PEER_TIMEOUT_ENV = "REPLICATE_PEER_TIMEOUT"
+
+
+def peer_timeout() -> timedelta | None:
+    """``$REPLICATE_PEER_TIMEOUT`` (seconds): how long a process waits for the others in a collective before the run
+    ends with an error (a stopped or hung rank); unset: torch's default (30 minutes for gloo, 10 for NCCL)."""
+    value = os.environ.get(PEER_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise LaunchError(f"${PEER_TIMEOUT_ENV}={value!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """A one-line message if ``e`` is a collective that failed because another process stopped, crashed or timed
+    out (torchrun runs only), else None."""
+    if not is_dist():
+        return None
+    text = str(e)
+    lowered = text.lower()
+    signs = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
+    if not (isinstance(e, getattr(dist, "DistError", ())) or any(s in lowered for s in signs)):
+        return None
+    limit = peer_timeout()
+    waited = f"{limit.total_seconds():g} s (${PEER_TIMEOUT_ENV})" if limit else f"torch's default (set ${PEER_TIMEOUT_ENV})"
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
+    return (f"rank {rank()}: another process of this run stopped answering (waited at most {waited}: {first}); "
+            "finished rows are kept, run the command again")
+
+
 def init_from_env() -> torch.device:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); plain single process otherwise.
 
     NCCL when CUDA is present, gloo on CPU, so the same command scales from a laptop to many nodes. Idempotent.
+    A collective waits at most ``peer_timeout()`` for the other processes, then fails (``peer_failure``).
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_dist():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=peer_timeout())
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

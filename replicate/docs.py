@@ -19,7 +19,7 @@ import argparse
 import sys
 import types
 from pathlib import Path
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -43,6 +43,8 @@ _SCALARS = {int: "integer", float: "number", str: "text", bool: "boolean", dict:
 def type_name(annotation) -> str:
     """A field's type in words: Literals list their values, unions their members, containers their items."""
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:  # a constrained type (the spec's paper numbers): its base type
+        return type_name(args[0])
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     if origin in (Union, types.UnionType):
@@ -64,6 +66,8 @@ def constraints(field: FieldInfo) -> list[str]:
         for attr, word in (("ge", ">="), ("le", "<="), ("gt", ">"), ("lt", "<")):
             if getattr(m, attr, None) is not None:
                 out.append(f"{word} {getattr(m, attr)}")
+        if getattr(m, "allow_inf_nan", None) is False:
+            out.append("finite")
         if getattr(m, "min_length", None) is not None:
             out.append(f"at least {m.min_length} item{'s' * (m.min_length != 1)}")
         if getattr(m, "pattern", None) is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -30,11 +31,12 @@ from torch import nn
 
 from . import distributed as D
 from .atomic import atomic_write_text
+from .checkpoint import load_problem, safe_load
 from .config import RunConfig, Setting
 from .export import BACKBONE_FORMAT, MOCO_PREFIX, stored_config
 from .profiles import get_profile
-from .results import ResultStore, config_changes, provenance
-from .spec import SpecError, find_spec, load_spec
+from .results import ResultsError, ResultStore, config_changes, provenance
+from .spec import SpecError, check_profile, find_spec, load_spec
 
 DEFAULT_PROFILE = "paper"  # a checkpoint without our config is most likely a paper-scale ViT
 
@@ -60,17 +62,35 @@ def _without_head(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """The backbone state dict of a checkpoint in any of the three layouts, and which layout it was."""
-    path = Path(path)
+def _load(path: Path, trust: bool):
+    """The file's objects: tensors and plain data only (``safe_load``), unless ``trust`` (``--trust-checkpoint``)
+    allows full unpickling, which can run code, for a file from a source the user trusts."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return safe_load(path)
     except FileNotFoundError:
         raise CheckpointLoadError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        if not trust or "Weights only load failed" not in str(e):
+            raise CheckpointLoadError(f"checkpoint {path} is {load_problem(e)}; if it comes from a source you "
+                                      "trust, pass --trust-checkpoint to unpickle it (that can run code)") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
-        raise CheckpointLoadError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+        raise CheckpointLoadError(f"checkpoint {path} is {load_problem(e)}") from None
+    _warn(f"--trust-checkpoint: unpickling {path} in full (it holds Python objects beyond tensors)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointLoadError(f"checkpoint {path} is {load_problem(e)}") from None
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
+    """The backbone state dict of a checkpoint in any of the three layouts, and which layout it was. The file is
+    read as tensors and plain data only, unless ``trust``."""
+    path = Path(path)
+    obj = _load(path, trust)
     if isinstance(obj, dict) and obj.get("format") == BACKBONE_FORMAT:
+        if not isinstance(obj.get("backbone"), dict) or not isinstance(obj.get("config"), dict):
+            raise CheckpointLoadError(f"{path} is a damaged {BACKBONE_FORMAT} file (no backbone or config in it); "
+                                      "re-run the row that wrote it")
         return Checkpoint(path, obj["backbone"], BACKBONE_FORMAT, obj["config"])
     inner = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
     if not isinstance(inner, dict) or not inner or not all(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -97,6 +117,7 @@ def row_config(value: str, profile: str, seed: int) -> RunConfig:
     names = [r.name for r in spec.rows]
     if row not in names:
         raise SpecError(f"--row {value}: {spec.name} has no row {row!r}; its rows: {', '.join(names)}")
+    check_profile(spec, get_profile(profile))
     return get_profile(profile).resolve(spec.setting(spec.row(row)), seed=seed)
 
 
@@ -175,17 +196,25 @@ def _warn(msg: str) -> None:
 
 def evaluate_checkpoint(path: str | Path, profile: str | None = None, arch: str | None = None,
                         row: str | None = None, seed: int = 0, data_root: str | None = None,
-                        results_root: str | Path | None = None,
-                        progress: bool = True) -> tuple[dict[str, float], Path | None]:
+                        results_root: str | Path | None = None, progress: bool = True,
+                        trust: bool = False) -> tuple[dict[str, float], Path | None]:
     """Score a checkpoint with the profile's protocols; every rank takes part, rank 0 writes the record.
-    Returns the metrics and the record's path (None on other ranks)."""
+    Returns the metrics and the record's path (None on other ranks). ``trust``: ``read_checkpoint``'s."""
     from .runner import evaluate_backbone  # the runner imports the trainer: only when evaluating
 
     device = D.init_from_env()
     t0 = time.perf_counter()
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust)
     cfg, source = model_config(ckpt, profile, row, arch, seed)
     backbone = build_loaded_backbone(cfg, ckpt, source).to(device)
+    problem = None
+    if D.is_main():  # before the probe (hours at paper scale), not after it; every rank stops alike
+        try:
+            ResultStore(results_root, cfg.profile).check_writable()
+        except ResultsError as e:
+            problem = str(e)
+    if D.broadcast_from_main(problem):
+        raise ResultsError(problem)
     if D.is_main():
         print(f"evaluating {ckpt.path} ({ckpt.format}) as {source}: {describe(cfg)}", file=sys.stderr, flush=True)
     metrics = evaluate_backbone(cfg, backbone, data_root, progress)

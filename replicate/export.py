@@ -23,12 +23,12 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from .checkpoint import atomic_torch_save
+from .checkpoint import atomic_torch_save, load_problem, safe_load
 from .config import RunConfig
 from .model import timm_vit_kwargs
 from .profiles import get_profile
 from .results import DEFAULT_ROOT, ResultsError, ResultStore, config_changes
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, check_profile
 
 BACKBONE_FORMAT = "replicate-backbone/1"
 MOCO_PREFIX = "module.base_encoder."  # the official MoCo wrapper under DistributedDataParallel
@@ -87,7 +87,19 @@ def load_row_backbone(store: ResultStore, spec: Spec, row: str, seed: int) -> tu
             fix = (f"the row finished before backbones were kept, or its results were copied without them; re-run it: "
                    f"`{run_command(spec, store.profile)} --results {store.root} --force`")
         raise ResultsError(f"no backbone for {where}: {path} is missing ({fix})")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return read_backbone_file(path, f"{run_command(spec, store.profile)} --results {store.root} --force")
+
+
+def read_backbone_file(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], RunConfig]:
+    """A ``seed<K>.backbone.pt``'s state dict and config (``safe_load``: plain data only); an unreadable or damaged
+    file is a one-line ResultsError naming it, with ``fix`` (the command that writes it again)."""
+    try:
+        state = safe_load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise ResultsError(f"backbone file {path} is {load_problem(e)}; write it again: {fix}") from None
+    if (not isinstance(state, dict) or state.get("format") != BACKBONE_FORMAT
+            or not isinstance(state.get("backbone"), dict) or not isinstance(state.get("config"), dict)):
+        raise ResultsError(f"backbone file {path} is not a {BACKBONE_FORMAT} file; write it again: {fix}")
     return state["backbone"], stored_config(state["config"], path)
 
 
@@ -140,6 +152,7 @@ def export_row(spec: Spec, row: str, profile: str, seed: int, fmt: str, out: str
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     store = ResultStore(results_root, profile)
+    check_profile(spec, get_profile(profile))
     state, cfg = load_row_backbone(store, spec, row, seed)
     now = get_profile(profile).resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json")
     changes = config_changes(cfg.model_dump(mode="json"), now)

@@ -4,9 +4,14 @@ A profile changes sizes, never the meaning of a row: batch sizes keep their rati
 rates keep theirs (one ``lr_scale`` for the whole profile, on top of the paper's lr = base x batch/256), epochs
 keep the 100-vs-300 ratio and the warmup fraction (``epoch_scale``), and every switch (position embedding,
 pooling, BN, predictor, momentum value, optimizer, framework) passes through unchanged.
+
+Nothing is clamped: a setting that scales below what a run needs at a profile (fewer than ``MIN_BATCH`` images per
+step, less than one epoch, fewer than two SwAV prototypes, a paper patch size the profile has no size for) is a
+``ResolveError`` naming the Setting key and the smallest value that works, never silently rounded up.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .config import RunConfig, Setting
@@ -18,6 +23,28 @@ PAPER_ARCHS = {  # Table 2: blocks, width, heads (ViT-S has 12 heads in the pape
     "vit_huge": (1280, 32, 16),
 }
 PAPER_PATCH = {"vit_small": 16, "vit_base": 16, "vit_large": 16, "vit_huge": 14}
+MIN_BATCH = 2  # per step: BatchNorm in the heads and the contrastive loss's negatives need two images
+MIN_PROTOTYPES = 2  # SwAV: a softmax over one prototype assigns everything to it
+
+
+class ResolveError(ValueError):
+    """A Setting a profile cannot turn into a run; ``key`` is the Setting key at fault, ``str(e)`` says why."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def scaled(value: float, scale: float, minimum: int, key: str, profile: str, what: str) -> int:
+    """``round(value x scale)``, or a ResolveError naming ``key`` and the smallest value that reaches ``minimum``."""
+    out = round(value * scale)
+    if out < minimum:
+        need = math.ceil((minimum - 0.5) / scale)
+        while round(need * scale) < minimum:  # round() halves to even: step up to the first value that makes it
+            need += 1
+        raise ResolveError(key, f"{value:g} gives {out} {what} at profile {profile} (x {scale:.4g}), which needs at "
+                                f"least {minimum}: use {key} >= {need}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -54,15 +81,21 @@ class Profile:
         dim, depth, heads = self.archs[s.arch]
         paper_patch = s.patch_size or PAPER_PATCH[s.arch]
         if paper_patch not in self.patch_map:
-            raise ValueError(f"profile {self.name!r} has no patch size for paper patch {paper_patch}")
-        batch = max(2, round(s.batch_size * self.batch_scale))
-        epochs = max(1, round(s.epochs * self.epoch_scale))
+            known = ", ".join(map(str, self.patch_map))
+            raise ResolveError("patch_size", f"profile {self.name} has no patch size for the paper's patch "
+                                             f"{paper_patch}: use one of {known} (or null for the arch's)")
+        patch = self.patch_map[paper_patch]
+        if self.image_size % patch:
+            raise ResolveError("patch_size", f"the paper's patch {paper_patch} is {patch} px at profile {self.name}, "
+                                             f"which does not divide its {self.image_size} px images")
+        batch = scaled(s.batch_size, self.batch_scale, MIN_BATCH, "batch_size", self.name, "images per step")
+        epochs = scaled(s.epochs, self.epoch_scale, 1, "epochs", self.name, "epochs")
         return RunConfig(
             profile=self.name, setting=s, seed=seed,
             dataset=self.dataset, image_size=self.image_size, in_chans=self.in_chans,
             num_classes=self.num_classes, train_subset=self.train_subset,
             crop_min=self.crop_min, blur_sigma=self.blur_sigma,
-            embed_dim=dim, depth=depth, num_heads=heads, patch_size=self.patch_map[paper_patch],
+            embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch,
             head_hidden=self.head_hidden, head_out=self.head_out, prototypes=self.prototypes(s),
             batch_size=batch, lr=s.base_lr * self.lr_scale * batch / 256, weight_decay=s.weight_decay,
             epochs=epochs, warmup_epochs=s.warmup_epochs * epochs / s.epochs,
@@ -75,7 +108,9 @@ class Profile:
     def prototypes(self, s: Setting) -> int:
         """SwAV's K scaled like the batch: without a queue the Sinkhorn equipartition spreads a batch over the
         prototypes, so the batch/K ratio (4096/3000 in the paper) is what a smaller batch must keep."""
-        return max(2, round(s.swav_prototypes * self.batch_scale)) if s.framework == "swav" else 0
+        if s.framework != "swav":
+            return 0
+        return scaled(s.swav_prototypes, self.batch_scale, MIN_PROTOTYPES, "swav_prototypes", self.name, "prototypes")
 
 
 PAPER = Profile(

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .atomic import atomic_write_text
+from .atomic import WriteError, atomic_write_text
 from .profiles import PROFILES, get_profile
-from .results import DEFAULT_ROOT, ResultStore, config_changes, is_current, last_run
+from .results import DEFAULT_ROOT, ResultStore, UnreadableFile, config_changes, is_current, last_run
 from .spec import Row, Spec, all_specs
 from .stats import (
     DASH,
@@ -78,9 +78,21 @@ def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) 
     return f"opposite ({band}){small}"
 
 
+def unreadable_rows(spec: Spec, store: ResultStore, warn: bool = False) -> dict[str, list[str]]:
+    """Rows with a result file that cannot be read -> those files' names; ``warn``: one stderr line per file (the
+    table marks the row, its other seeds still count, and every other row and study renders as usual)."""
+    _, bad = store.scan(spec.key)
+    if warn:
+        for errors in bad.values():
+            for e in errors:
+                print(f"warning: {e}", file=sys.stderr)
+    return {row: [e.path.name for e in errors] for row, errors in bad.items()}
+
+
 def rendered_records(spec: Spec, store: ResultStore) -> dict[str, list[dict]]:
     """The runs a study's table shows, per row: once a row's re-run has begun, only its runs made with the config the
-    spec resolves to now (a mean never mixes two configs); a row with none shows its stale runs, marked stale."""
+    spec resolves to now (a mean never mixes two configs); a row with none shows its stale runs, marked stale.
+    Unreadable result files are left out (``unreadable_rows``)."""
     records = store.table_records(spec.key)
     if store.profile not in PROFILES:
         return records
@@ -109,6 +121,7 @@ def stale_rows(spec: Spec, records: dict[str, list[dict]], profile: str) -> dict
 
 def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     records = rendered_records(spec, store)
+    unreadable = unreadable_rows(spec, store, warn=True)
     stale = stale_rows(spec, records, store.profile)
     metrics = metric_keys(spec, records, store.profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
@@ -120,7 +133,8 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
         is_base = row.name == spec.baseline_of(row).name
         pd = paper_delta(spec, row)
-        label = row.label + (" (stale)" if row.name in stale else "")
+        label = row.label + (" (stale)" if row.name in stale else "") + (
+            f" (unreadable: {', '.join(unreadable[row.name])})" if row.name in unreadable else "")
         if transfer:
             paper_cells = [_fmt(row.paper.get(t)) if isinstance(row.paper, dict) else "n/a"
                            for t in spec.paper_targets]
@@ -152,6 +166,9 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
         lines += [f"**Stale** rows ({', '.join(stale)}) were run with a config the spec no longer resolves to "
                   f"(e.g. {first[0]}{' and more' if len(first) > 1 else ''}): `replicate run {spec.name} --profile "
                   f"{store.profile}` re-runs them.", ""]
+    if unreadable:
+        lines += [f"**Unreadable** result files ({', '.join(f'{r}/{n}' for r, ns in unreadable.items() for n in ns)}) "
+                  "are left out of their rows: restore them or re-run those rows with `replicate run`.", ""]
     lines += _footer(spec, store, transfer, records)
     figures = _figures(spec, store, records) if write and records else []
     lines += figures
@@ -211,7 +228,13 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
     if spec.kind == "finetune":
         lines += [f"Top-1 after end-to-end fine-tuning on the pretraining data's own labels; each row's recipe at this "
                   f"profile: `replicate show {spec.name} --profile {store.profile}`.", ""]
-    base = store.load_baselines()
+    try:
+        base = store.load_baselines()
+    except UnreadableFile as e:
+        base = None
+        if spec.kind == "pretrain":
+            print(f"warning: {e}", file=sys.stderr)
+            lines += [f"Baselines: {e.path.name} is unreadable ({e.why}); `replicate run` computes them again.", ""]
     if base and spec.kind == "pretrain":  # frozen-feature baselines: what a pretraining study's metrics mean
         px, rb = base["raw_pixels"], base["random_backbone"]
         fmt = ", ".join
@@ -373,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {}
     for profile in [args.profile] if args.profile else list(PROFILES):
         store = ResultStore(root, profile)
-        shown = [s for s in specs if args.table or args.all or store.table_records(s.key)]
+        shown = [s for s in specs if args.table or args.all or any(store.scan(s.key))]  # unreadable ones too
         if shown:
             chosen[profile] = (store, shown)
     if not args.profile and last and last.get("profile") in chosen:  # what the user just ran: printed last
@@ -383,7 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results for {what} under {root} ({why}); run a study first, e.g. "
               "`replicate run table5 --profile smoke` (seconds)", file=sys.stderr)
         return 1
-    out = [render_table(spec, store, write=True) for store, shown in chosen.values() for spec in shown]
+    try:
+        out = [render_table(spec, store, write=True) for store, shown in chosen.values() for spec in shown]
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n\n".join(out))
     print(f"rendered from {root} ({why}): " + ", ".join(f"{profile} {len(shown)} table{'s' * (len(shown) > 1)}"
                                                        for profile, (_, shown) in chosen.items()), file=sys.stderr)

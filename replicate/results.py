@@ -18,10 +18,12 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-from .atomic import atomic_open, atomic_write_text
+from .atomic import atomic_open, atomic_write_text, create_exclusive
 from .checkpoint import NOT_FINGERPRINTED  # when a run saves, not what it computes
 from .hardware import cpu_info
 
@@ -70,6 +72,61 @@ def last_run() -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return rec if isinstance(rec, dict) and Path(str(rec.get("results"))).is_dir() else None
+
+
+class UnreadableFile(ResultsError):
+    """A file of the store that is not what it should be (truncated, binary, another layout); ``str(e)`` is one
+    line naming it, why, and what to do."""
+
+    def __init__(self, path: Path, why: str, fix: str):
+        super().__init__(f"{path} is unreadable: {why}" + (f"; {fix}" if fix else ""))
+        self.path, self.why = path, why
+
+
+def record_problem(record) -> str | None:
+    """Why a parsed result file is not a result record, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a result record"
+    for key, kind in (("config", dict), ("metrics", dict), ("provenance", dict), ("status", str), ("seed", int)):
+        if record.get(key) is not None and not isinstance(record[key], kind):
+            return f"its {key} is not a {kind.__name__}"
+    metrics = record.get("metrics") or {}
+    if any(isinstance(v, bool) or not isinstance(v, (int, float, type(None))) for v in metrics.values()):
+        return "a metric is not a number"
+    return None
+
+
+def baselines_problem(record) -> str | None:
+    """Why a parsed baselines.json is not one (``runner.compute_baselines``), or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not the baselines"
+    for key, kind in (("raw_pixels", dict), ("random_backbone", dict), ("dataset", str), ("train_images", int),
+                      ("test_images", int)):
+        if not isinstance(record.get(key), kind):
+            return f"no {key} in it"
+    if not isinstance(record.get("depends_on", {}), dict):  # absent in files from before it was recorded
+        return "its depends_on is not a mapping"
+    return None
+
+
+def read_json(path: Path, check, fix: str):
+    """A JSON file of the store, checked by ``check`` (a reason or None); None if the file does not exist; an
+    UnreadableFile (one line: the file, why, and ``fix``) if it cannot be read or is not what it should be."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        why = "binary, not JSON text"
+    except json.JSONDecodeError as e:
+        why = "empty" if not e.doc.strip() else f"not valid JSON (truncated? {e.msg} at line {e.lineno})"
+    except OSError as e:
+        why = f"cannot be read ({e.strerror})"
+    else:
+        why = check(data)
+        if why is None:
+            return data
+    raise UnreadableFile(path, why, fix)
 
 
 def record_precision(record: dict) -> str:
@@ -210,28 +267,69 @@ class ResultStore:
                                "pass --results DIR to write elsewhere") from None
 
     def claim(self, table: str, source: str) -> None:
-        """Record that spec file ``source`` owns ``<profile>/<table>``; refuse if another spec already does."""
+        """Record that spec file ``source`` owns ``<profile>/<table>``; refuse if another spec already does.
+
+        The marker is created whole or not at all, and only if absent (a hard link of a complete temp file, which
+        fails if the name exists), so of two specs racing for one folder exactly one claims it."""
         marker = self.profile_dir / table / "SPEC"
-        try:
-            owner = marker.read_text().strip()
-        except FileNotFoundError:
-            atomic_write_text(marker, source + "\n")
+        if not marker.exists() and create_exclusive(marker, source + "\n"):
             return
+        owner = self.spec_owner(marker, source)
         if owner != source:
             raise ResultsError(f"{marker.parent} holds the results of {owner}, not of {source}; rename your spec "
                                "file or pass --results DIR")
 
+    @staticmethod
+    def spec_owner(marker: Path, source: str) -> str:
+        """The spec file a SPEC marker names; a damaged marker is one line saying how to repair it."""
+        fix = (f"it should name the spec file that owns {marker.parent}: if that is {source}, write it there "
+               f"(echo {source} > {marker}), else delete the folder or pass --results DIR")
+        for attempt in range(3):
+            try:
+                data = marker.read_bytes()
+            except OSError as e:
+                raise ResultsError(f"SPEC marker {marker} cannot be read ({e.strerror}); {fix}") from None
+            try:
+                owner = data.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ResultsError(f"SPEC marker {marker} is binary, not a spec file's name; {fix}") from None
+            if owner or attempt == 2:
+                break
+            time.sleep(0.2)  # created empty by O_EXCL on a filesystem without hard links: its writer is on it
+        if not owner or "\n" in owner or "\x00" in owner:
+            raise ResultsError(f"SPEC marker {marker} is {'empty' if not owner else 'not a single file name'}; {fix}")
+        return owner
+
     def exists(self, table: str, row: str, seed: int) -> bool:
-        return self.load(table, row, seed) is not None
+        """Whether the row has a readable record."""
+        try:
+            return self.load(table, row, seed) is not None
+        except UnreadableFile:
+            return False
 
     def load(self, table: str, row: str, seed: int) -> dict | None:
-        p = self.path(table, row, seed)
-        try:
-            return json.loads(p.read_text())
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:
-            return None  # a foreign/truncated file counts as missing; it is overwritten on the next run
+        """The row's record, None if it has none; an unreadable file is an ``UnreadableFile`` (never taken for a
+        missing result in silence: the runner says it re-runs the row over it)."""
+        return read_json(self.path(table, row, seed), record_problem,
+                         "restore it (git checkout, a backup) or re-run its row with `replicate run`")
+
+    def scan(self, table: str) -> tuple[dict[str, list[dict]], dict[str, list[UnreadableFile]]]:
+        """(row name -> its readable seed records, any order; row name -> why each unreadable one is)."""
+        out: dict[str, list[dict]] = {}
+        bad: dict[str, list[UnreadableFile]] = {}
+        tdir = self.profile_dir / table
+        if not tdir.is_dir():
+            return out, bad
+        for f in sorted(tdir.glob("*/seed*.json")):
+            try:
+                record = read_json(f, record_problem, "restore it (git checkout, a backup) or re-run its row with "
+                                                      "`replicate run`")
+            except UnreadableFile as e:
+                bad.setdefault(f.parent.name, []).append(e)
+                continue
+            if record is not None:
+                out.setdefault(f.parent.name, []).append(record)
+        return out, bad
 
     def save(self, table: str, row: str, seed: int, record: dict) -> Path:
         p = self.path(table, row, seed)
@@ -240,27 +338,31 @@ class ResultStore:
 
     @contextlib.contextmanager
     def lock(self, table: str, row: str, seed: int):
+        """Hold the row's lock. A process that finds it held says, in one line, what it waits for and who holds it
+        (the lock file names its holder), then waits: the holder may be a long row still running."""
         lock_path = self.profile_dir / ".locks" / f"{table}.{row}.seed{seed}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with open(lock_path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip()[:200] or "another process"
+                print(f"waiting for {table}/{row} seed {seed}: {holder} is running it (lock {lock_path}); a stopped "
+                      "holder keeps the lock until it ends", file=sys.stderr, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {platform.node()}\n")
+            f.flush()
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def table_records(self, table: str) -> dict[str, list[dict]]:
-        """row name -> its seed records (any order)."""
-        out: dict[str, list[dict]] = {}
-        tdir = self.profile_dir / table
-        if not tdir.is_dir():
-            return out
-        for f in sorted(tdir.glob("*/seed*.json")):
-            try:
-                out.setdefault(f.parent.name, []).append(json.loads(f.read_text()))
-            except json.JSONDecodeError:
-                continue
-        return out
+        """row name -> its readable seed records (any order; ``scan`` also says which files are not)."""
+        return self.scan(table)[0]
 
     def find_same_run(self, config: dict, precision: str | None = None) -> dict | None:
         """A finished (status ok) pretraining record of this profile whose config equals ``config``, from any table.
@@ -270,8 +372,10 @@ class ResultStore:
         trained again. ``precision``: only a run that multiplied that way (``record_precision``)."""
         for f in sorted(self.profile_dir.glob("*/*/seed*.json")):
             try:
-                rec = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
+                rec = read_json(f, record_problem, "")
+            except UnreadableFile:  # another row's damaged file is that row's business (its run and render say so)
+                continue
+            if rec is None:
                 continue
             # a transfer row stores its pretraining config too, but its metrics are fine-tuning accuracies
             if (rec.get("status") == "ok" and not config_changes(rec.get("config"), config)
@@ -281,8 +385,9 @@ class ResultStore:
         return None
 
     def load_baselines(self) -> dict | None:
-        p = self.profile_dir / "baselines.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        """The profile's baselines, None if not computed yet; an unreadable file is an ``UnreadableFile``."""
+        return read_json(self.profile_dir / "baselines.json", baselines_problem,
+                         "`replicate run` of a pretraining study computes them again")
 
     def save_baselines(self, record: dict) -> None:
         atomic_write_text(self.profile_dir / "baselines.json", json.dumps(record, indent=1) + "\n")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
+from .atomic import remove_leftovers
 from .config import RunConfig, Setting
 from .data import is_tensor_dataset, load_tensor_dataset, pretraining_split
 from .instability import summarize
@@ -18,13 +19,14 @@ from .profiles import Profile, get_profile
 from .results import (
     ResultsError,
     ResultStore,
+    UnreadableFile,
     config_changes,
     is_current,
     provenance,
     record_precision,
     run_results_root,
 )
-from .spec import Row, Spec
+from .spec import Row, Spec, check_batch_fits, check_profile
 from .trainer import PretrainResult, pretrain
 
 
@@ -182,10 +184,11 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
 
 
 def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
-    """Everything a run reads must be there before anything is written: a DataError here leaves no trace."""
+    """Everything a run reads must be there before anything is written: a DataError here leaves no trace, nor does
+    a row whose batch exceeds the data (in-memory datasets; an ImageFolder is not counted)."""
     cfg = profile.resolve(spec.setting(spec.row(spec.reference)))
     if is_tensor_dataset(cfg.dataset):
-        pretraining_split(cfg, data_root)
+        check_batch_fits(spec, profile, len(pretraining_split(cfg, data_root)))
     else:
         from .data import imagenet_folder
 
@@ -225,6 +228,7 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
     equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
     it stale), and the log names the fields that changed."""
     profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
+    check_profile(spec, profile)  # every row resolves at this profile (a SpecError names row and key)
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     precision = training_precision("cuda" if torch.cuda.is_available() else "cpu")
     if results_root is None and precision == LABELS["bf16"] and D.is_main():
@@ -237,7 +241,12 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
         if not force:
             check_precision(spec, profile, store, precision)
         store.claim(spec.key, spec.source)
-    baselines = store.load_baselines() if D.is_main() else None
+    baselines = None
+    if D.is_main():
+        try:
+            baselines = store.load_baselines()
+        except UnreadableFile as e:  # derived data: computed again below, and said so
+            log(f"[{profile.name}] baselines {e.path} unreadable ({e.why}): computing them again")
     now = baseline_key(profile.resolve(spec.setting(spec.row(spec.reference))))
     if (spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and D.is_main()
             and (baselines is None or baselines.get("depends_on") != now)):
@@ -255,8 +264,18 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
         # only rank 0 takes the row lock (the others would wait on it forever) and tells them whether to skip
         with store.lock(spec.key, row.name, seed) if D.is_main() else contextlib.nullcontext():
             skip = False
+            if D.is_main():  # temp files a crash mid-write left (a checkpoint's may be GBs): no one else writes them now
+                gone = [name for folder in (store.row_dir(spec.key, row.name),
+                                            store.checkpoint_path(spec.key, row.name, seed).parent)
+                        for name in remove_leftovers(folder, f"seed{seed}")]
+                if gone:
+                    log(f"{head}: removed {len(gone)} temp file(s) an interrupted write left: {', '.join(gone)}")
             if D.is_main() and not force:
-                old = store.load(spec.key, row.name, seed)
+                try:
+                    old = store.load(spec.key, row.name, seed)
+                except UnreadableFile as e:  # never taken for a missing result in silence
+                    log(f"{head}: stored result {e.path} is unreadable ({e.why}): re-running the row over it")
+                    old = None
                 changes = config_changes(old.get("config"), config) if old is not None else None
                 if changes == []:
                     log(f"{head}: done already (use --force to re-run)")
@@ -317,8 +336,12 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
 
 
 def _stored_and_kept(store: ResultStore, spec: Spec, row: Row, seed: int, profile: Profile, keep_stale: bool) -> bool:
-    """Whether the loop will skip (row, seed): a current stored result, or a stale one kept by ``--keep-stale``."""
-    old = store.load(spec.key, row.name, seed)
+    """Whether the loop will skip (row, seed): a current stored result, or a stale one kept by ``--keep-stale``
+    (an unreadable one is re-run, and the loop says so)."""
+    try:
+        old = store.load(spec.key, row.name, seed)
+    except UnreadableFile:
+        return False
     if old is None:
         return False
     return keep_stale or is_current(old, spec, row, profile)
@@ -358,4 +381,5 @@ class StudyEta:
 
 def resolved_settings(spec: Spec, profile_name: str) -> list[tuple[Row, Setting, RunConfig]]:
     profile = get_profile(profile_name)
+    check_profile(spec, profile)
     return [(row, spec.setting(row), profile.resolve(spec.setting(row))) for row in spec.rows]

@@ -2,13 +2,16 @@
 
 A spec names its paper reference, its metric, a reference row, a base Setting (paper units) and rows as small
 overrides of the base, each with the paper's number (null where no source states it; rendered as n/a).
-Any unknown key, wrong type or missing field is a ``SpecError`` whose message is one line naming file and key.
+Any unknown key, duplicate key, wrong type, value out of range or missing field is a ``SpecError`` whose message is
+one line naming file and key; ``check_profile`` adds what only a profile can tell (a batch that scales below two
+images, a patch size it has no size for), before anything runs or is written.
 """
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .config import Setting
 
 TABLES_DIR = Path(__file__).resolve().parent.parent / "tables"
-PaperValue = Union[float, None, dict[str, Optional[float]]]
+# a number as YAML writes one: never a string ("74.9"), a boolean, NaN or infinity
+PaperNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+PaperValue = Union[PaperNumber, None, dict[str, Optional[PaperNumber]]]
+# names that become folder names in the results store: short, no path separators, no leading dot
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+RESERVED_KEYS = {"ckpt", "evaluations"}  # folders of the store beside the studies' (ResultStore)
 
 
 class SpecError(ValueError):
@@ -25,7 +34,7 @@ class SpecError(ValueError):
 
 class Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+    name: str = Field(pattern=NAME_PATTERN,
                       description="the row's identifier, unique in the spec: names its results folder; what "
                                   "`reference` and `vs` refer to")
     label: str = Field(description="the row's text in the rendered table")
@@ -68,14 +77,14 @@ class Spec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "Spec":
         names = [r.name for r in self.rows]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"duplicate row name {sorted(dup)[0]!r}")
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ValueError(f"rows[{i}].name: duplicate row name {n!r} (also rows[{names.index(n)}]'s)")
         if self.reference not in names:
             raise ValueError(f"reference {self.reference!r} is not a row name (rows: {', '.join(names)})")
         for r in self.rows:
             if r.vs is not None and r.vs not in names:
-                raise ValueError(f"row {r.name!r}: vs {r.vs!r} is not a row name")
+                raise ValueError(f"rows[{names.index(r.name)}].vs: {r.vs!r} is not a row name")
         return self
 
     def baseline_of(self, row: Row) -> Row:
@@ -157,9 +166,15 @@ def _message(err: dict, model: type[BaseModel] | None = None) -> str:
         return _unknown_key(str(err["loc"][-1]), _fields_at(model, err["loc"][:-1]) if model else None)
     if err["type"] == "missing":
         return "required key is missing"
-    if _where(err["loc"]).endswith("paper"):
-        return "must be a number, null (unknown), or a mapping of dataset -> number"
-    return err["msg"]
+    where = [str(part) for part in err["loc"]]
+    if "paper" in where:
+        return "must be a number, null (unknown), or a mapping of dataset -> number (not text, not NaN)"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool) and err["type"] != "value_error":
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "...'"
+        msg += f" (got {shown})"
+    return msg
 
 
 def _one_line(e: ValidationError, model: type[BaseModel] | None = None) -> str:
@@ -167,7 +182,8 @@ def _one_line(e: ValidationError, model: type[BaseModel] | None = None) -> str:
     level, a missing key names an unknown key beside it (a likely typo)."""
     errors = e.errors()
     err = errors[0]
-    line = f"{_where(err['loc'])}: {_message(err, model)}"
+    # a check across keys (``Spec._check``) names its keys itself
+    line = _message(err, model) if not err["loc"] else f"{_where(err['loc'])}: {_message(err, model)}"
     if err["type"] == "missing":
         parent = err["loc"][:-1]
         strays = [x["loc"][-1] for x in errors if x["type"] == "extra_forbidden" and x["loc"][:-1] == parent]
@@ -179,20 +195,57 @@ def _one_line(e: ValidationError, model: type[BaseModel] | None = None) -> str:
     return line
 
 
-def load_spec(path: str | Path) -> Spec:
-    path = Path(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} in one mapping (first on line {seen[key]}); YAML "
+                                        "would silently keep the last: remove one", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path):
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: no such spec file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (a spec is YAML in UTF-8)") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec file ({e.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = str(getattr(e, "problem", e))
+        if problem.startswith("duplicate key"):
+            raise SpecError(f"{path}:{where}: {problem}") from None
+        raise SpecError(f"{path}:{where} not valid YAML ({problem})") from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a YAML mapping with keys id, title, paper_ref, reference, rows")
+    if not re.match(FILE_NAME_PATTERN, path.stem) or path.stem in RESERVED_KEYS:
+        raise SpecError(f"{path}: the file name {path.stem!r} names the study's results folder: rename the file to "
+                        f"letters, digits, '.', '_' or '-' (at most 64, not {' or '.join(sorted(RESERVED_KEYS))})")
     try:
-        spec = Spec(**raw)
+        spec = Spec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"{path}: {_one_line(e, Spec)}") from None
     except TypeError as e:
@@ -201,14 +254,52 @@ def load_spec(path: str | Path) -> Spec:
     for i, row in enumerate(spec.rows):
         for key, where in ((spec.base, "base"), ({**spec.base, **row.set}, f"rows[{i}].set")):
             try:
-                Setting(**key)
+                Setting.model_validate(key)
             except ValidationError as e:
-                raise SpecError(f"{path}: {where}.{_one_line(e, Setting)}") from None
+                line = _one_line(e, Setting)  # an unknown key suggests the closest Setting key
+                field = e.errors()[0]["loc"][:1]
+                if where != "base" and field and field[0] in spec.base and field[0] not in row.set:
+                    raise SpecError(f"{path}: base.{line} (row {row.name})") from None  # a check across keys
+                raise SpecError(f"{path}: {where}.{line}") from None
     for i, row in enumerate(spec.rows):
         problem = kind_mismatch(spec, spec.setting(row)) or framework_mismatch(spec.setting(row))
         if problem:
             raise SpecError(f"{path}: rows[{i}] ({row.name}): {problem}")
     return spec.model_copy(update={"path": str(path)})
+
+
+def check_profile(spec: Spec, profile) -> None:
+    """Every row of ``spec`` resolves at ``profile`` (a ``Profile``), or a SpecError names the row and the Setting
+    key at fault, in the spec's words: what only a profile can tell, found before anything runs."""
+    from .profiles import ResolveError, scaled
+
+    for i, row in enumerate(spec.rows):
+        try:
+            cfg = profile.resolve(spec.setting(row))
+            if spec.kind == "finetune" and cfg.setting.finetune_epochs is not None:  # as evals.e2e.e2e_recipe does
+                scaled(cfg.setting.finetune_epochs, profile.epoch_scale, 1, "finetune_epochs", profile.name, "epochs")
+        except ResolveError as e:
+            raise SpecError(f"{spec.path}: {key_path(spec, i, e.key)}: {e}") from None
+
+
+def key_path(spec: Spec, i: int, key: str) -> str:
+    """Where a Setting key of row ``i`` is written: its own ``set``, the spec's ``base``, or nowhere (a default)."""
+    row = spec.rows[i]
+    if key in row.set:
+        return f"rows[{i}].set.{key}"
+    if key in spec.base:
+        return f"base.{key} (row {row.name})"
+    return f"rows[{i}] ({row.name}): {key} (its default)"
+
+
+def check_batch_fits(spec: Spec, profile, train_images: int) -> None:
+    """No row's batch at ``profile`` exceeds the ``train_images`` it pretrains on (an epoch would have no step)."""
+    for i, row in enumerate(spec.rows):
+        batch = profile.resolve(spec.setting(row)).batch_size
+        if batch > train_images:
+            raise SpecError(f"{spec.path}: {key_path(spec, i, 'batch_size')}: {spec.setting(row).batch_size} gives "
+                            f"{batch} images per step at profile {profile.name}, more than its {train_images} "
+                            "training images")
 
 
 FINETUNE_ONLY = ("finetune_epochs", "finetune_drop_path")

@@ -97,7 +97,7 @@ def test_checkpoint_of_another_config_is_moved_aside_and_never_used(tmp_path, ca
     other = small_config(seed=1)
     result = pretrain(other, ckpt_path=ckpt, progress=False, max_steps=3)
     assert "different configuration" in capsys.readouterr().err
-    foreign = torch.load(tmp_path / "row.pt.bad", weights_only=False)
+    foreign = torch.load(tmp_path / "row.pt.bad", weights_only=True)
     assert foreign["fingerprint"] == config_fingerprint(small_config(seed=0)) and foreign["step"] == 2
     assert result.iterations == 3 and len(result.monitor["series"]["loss"]) == 0  # started at 0 (no flush yet)
     assert same_weights(result.model, pretrain(other, progress=False, max_steps=3).model)
