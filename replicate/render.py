@@ -249,8 +249,9 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
     if not transfer and "linear" in metric_keys(spec, records, store.profile):
         lines += ["Linear: top-1 after the probe's last epoch; `linear_best`, where shown, is its best epoch's (the "
                   "number the official `main_lincls.py` reports).", ""]
-    lines += ["Verdict: our Δ vs the paper's Δ, with noise = 2·sqrt(s²/n + s_ref²/n_ref) over seeds "
-              "(see `replicate/render.py`).", ""]
+    lines += ["Verdict: our Δ vs the paper's Δ, with noise = 2 standard errors of our Δ, the rows paired by seed "
+              "(2·sd(d_s)/sqrt(n) over the seeds both ran; unpaired 2·sqrt(s²/n + s_ref²/n_ref) where fewer than two "
+              "are common; docs/reading-tables.md, The verdict).", ""]
     return lines
 
 
