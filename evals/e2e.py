@@ -10,7 +10,9 @@ the identical pretraining run and kept its backbone, from that file (``reused_pr
 
 The recipe (``e2e_recipe``) is the DeiT recipe of Sec. 6.3 (``PAPER_IMAGENET_FINETUNE``) for the row's
 ``finetune_epochs`` with its ``finetune_drop_path``; a profile scales its epochs and warmup (``epoch_scale``), its
-batch (``batch_scale``) and its lr and lr floor (``lr_scale``), as it scales pretraining.
+batch (``batch_scale``) and its lr, warmup lr and lr floor (``lr_scale``), as it scales pretraining, and steps
+DeiT's per-epoch lr scheduler once per scaled epoch (1 / ``epoch_scale`` times per epoch), so the schedule keeps
+DeiT's number of steps and its shape as a function of training progress.
 - ImageFolder data (paper, paper-smoke): DeiT's data pipeline (``imagenet_finetune_loaders``: RandAugment,
   Mixup/CutMix, random erasing, repeated augmentation); trained on train/, scored on val/.
 - In-memory data (reduced: Fashion-MNIST; smoke: digits): trained on the images pretraining uses (the profile's
@@ -56,10 +58,14 @@ def e2e_recipe(setting: Setting, profile: Profile) -> FinetuneRecipe:
     epochs = scaled(setting.finetune_epochs or base.epochs, profile.epoch_scale, 1, "finetune_epochs", profile.name,
                     "epochs")  # a ResolveError, never a silent round up to 1
     batch = max(2, round(base.batch * profile.batch_scale))
-    lr_factor = profile.lr_scale * batch / base.batch  # the floor keeps its fraction of the peak lr
+    lr_factor = profile.lr_scale * batch / base.batch  # the floor and the warmup lr keep their fractions of the peak
     drop_path = base.drop_path if setting.finetune_drop_path is None else setting.finetune_drop_path
+    # DeiT steps its scheduler once per epoch; here once per scaled epoch (at reduced 150 epochs -> 5, 30 steps per
+    # epoch): stepped per epoch, a 5-epoch run would spend 2 of its 5 epochs at the warmup lr (deit_lr_schedule)
+    steps = max(1, round(1 / profile.epoch_scale))
     return replace(base, epochs=epochs, batch=batch, base_lr=base.base_lr * profile.lr_scale,
-                   min_lr=base.min_lr * lr_factor, warmup_epochs=base.warmup_epochs * profile.epoch_scale,
+                   min_lr=base.min_lr * lr_factor, warmup_lr=base.warmup_lr * lr_factor,
+                   warmup_epochs=base.warmup_epochs * profile.epoch_scale, lr_steps_per_epoch=steps,
                    drop_path=drop_path)
 
 

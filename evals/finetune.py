@@ -8,9 +8,10 @@ One loop for both kinds of data:
   ``TwoViewBatchAugment.crop_flip`` (the profile-style crop scale). RandAugment is skipped there: its PIL ops
   (colour, posterize, solarize ...) are built for RGB photographs and would have to run image by image on
   28x28 grayscale tensors, which costs more than the fine-tuning itself.
-Shared by both: AdamW with lr = base_lr x batch / 512 (DeiT) and DeiT's no-weight-decay groups (biases, norms,
-position embedding, [CLS]), linear warmup + cosine per iteration (``replicate.schedules.lr_schedule``),
-Mixup/CutMix (``timm.data.Mixup``) with ``SoftTargetCrossEntropy``, label smoothing, drop path, random erasing.
+Shared by both: DeiT's model init (``build_classifier``), AdamW with lr = base_lr x batch / 512 (DeiT) and DeiT's
+no-weight-decay groups (biases, norms, position embedding, [CLS]), DeiT's lr schedule (timm's cosine scheduler
+stepped once per epoch from a warmup lr, ``deit_lr_schedule``), Mixup/CutMix (``timm.data.Mixup``) with
+``SoftTargetCrossEntropy``, label smoothing, drop path, random erasing.
 Not reproduced: DeiT's model EMA (its accuracy is not the one DeiT reports) and gradient scaling (bf16 autocast
 on GPU needs none). As in DeiT, every weight is trained, including the patch projection and position
 embedding that MoCo v3 pretraining keeps frozen.
@@ -21,8 +22,11 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from timm.layers import trunc_normal_
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from replicate import distributed as D
@@ -30,7 +34,6 @@ from replicate.checkpoint import config_fingerprint
 from replicate.config import RunConfig
 from replicate.data import TensorSplit, channel_stats
 from replicate.model import build_vit
-from replicate.schedules import lr_schedule
 from replicate.seeding import augment_seed, epoch_seed, seed_everything
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
@@ -58,7 +61,9 @@ class FinetuneRecipe:
     mixup: float  # Mixup alpha; 0 = off
     cutmix: float  # CutMix alpha; 0 = off
     reprob: float  # random erasing probability
-    min_lr: float = 0.0  # cosine floor (DeiT: 1e-5)
+    min_lr: float = 1e-5  # cosine floor (DeiT's --min-lr)
+    warmup_lr: float = 1e-6  # where the warmup starts (DeiT's --warmup-lr)
+    lr_steps_per_epoch: int = 1  # scheduler steps per epoch: DeiT steps once; see deit_lr_schedule
     rand_augment: str | None = None  # timm auto-augment policy for PIL data; None = crop + flip only
     crop_scale: tuple[float, float] = (0.08, 1.0)
     repeated_aug: bool = False  # DeiT's repeated augmentation (ImageNet only; off for transfer)
@@ -70,20 +75,20 @@ class FinetuneRecipe:
 
 
 # Sec. 6.3: "DeiT codebase with all its default settings", ViT-B 150 epochs. DeiT main.py defaults (0282d2a):
-# AdamW lr 5e-4 x batch/512, wd 0.05, 5 warmup epochs, min lr 1e-5, drop path 0.1, smoothing 0.1, RandAugment,
-# Mixup 0.8, CutMix 1.0, random erasing 0.25, repeated augmentation. The GPU count (hence the total batch) is not
-# stated; 1024 is DeiT's own reference batch.
+# AdamW lr 5e-4 x batch/512, wd 0.05, 5 warmup epochs from 1e-6, min lr 1e-5, drop path 0.1, smoothing 0.1,
+# RandAugment, Mixup 0.8, CutMix 1.0, random erasing 0.25, repeated augmentation. The GPU count (hence the total
+# batch) is not stated; 1024 is DeiT's own reference batch.
 PAPER_IMAGENET_FINETUNE = FinetuneRecipe(
     epochs=150, batch=1024, base_lr=5e-4, wd=0.05, warmup_epochs=5, drop_path=0.1, label_smoothing=0.1,
-    mixup=0.8, cutmix=1.0, reprob=0.25, min_lr=1e-5, rand_augment=RAND_AUGMENT, repeated_aug=True)
+    mixup=0.8, cutmix=1.0, reprob=0.25, min_lr=1e-5, warmup_lr=1e-6, rand_augment=RAND_AUGMENT, repeated_aug=True)
 # ViT-L: 100 epochs, drop path 0.5 (DeiT-L diverges with its defaults).
 PAPER_IMAGENET_FINETUNE_LARGE = replace(PAPER_IMAGENET_FINETUNE, epochs=100, drop_path=0.5)
 
 # Sec. 6.4 / official transfer/README.md: DeiT main.py --batch-size 128 (x 8 GPUs = 1024) --epochs 100 --lr 3e-4
-# --warmup-epochs 3 --no-repeated-aug, DeiT defaults otherwise (smoothing 0.1, min lr 1e-5); the official
+# --warmup-epochs 3 --no-repeated-aug, DeiT defaults otherwise (smoothing 0.1, min lr 1e-5, warmup lr 1e-6); the official
 # transfer/datasets.py transform is RandomResizedCrop(scale=(0.05, 1)) + flip (no RandAugment, no erasing).
 _TRANSFER = {"epochs": 100, "batch": 1024, "base_lr": 3e-4, "warmup_epochs": 3, "label_smoothing": 0.1,
-             "min_lr": 1e-5, "rand_augment": None, "crop_scale": (0.05, 1.0), "repeated_aug": False}
+             "min_lr": 1e-5, "warmup_lr": 1e-6, "rand_augment": None, "crop_scale": (0.05, 1.0), "repeated_aug": False}
 PAPER_TRANSFER_RECIPES = {
     "cifar10": FinetuneRecipe(wd=0.1, reprob=0.0, drop_path=0.1, mixup=0.8, cutmix=1.0, **_TRANSFER),
     "cifar100": FinetuneRecipe(wd=0.1, reprob=0.0, drop_path=0.1, mixup=0.5, cutmix=1.0, **_TRANSFER),
@@ -93,12 +98,16 @@ PAPER_TRANSFER_RECIPES = {
 
 # Small scales: a few epochs on in-memory data, so a whole transfer row stays within its time budget. Mixup and
 # CutMix are off: they regularise 100-epoch runs and only slow down a 10-epoch one (the code path is tested).
+# DeiT's lr schedule (warmup from 1e-6, floor 1e-5: the peak lr is 5e-4 here, 6e-4 in the paper's recipe) with
+# about the paper's 100 scheduler steps: 10 (reduced) or 7 (smoke) per epoch instead of DeiT's one, which in a
+# 10-epoch run would hold 2 of the 10 epochs at the warmup lr (deit_lr_schedule).
 SMALL_TRANSFER_RECIPES = {
     "reduced": FinetuneRecipe(epochs=10, batch=128, base_lr=2e-3, wd=0.05, warmup_epochs=1, drop_path=0.1,
                               label_smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0, crop_scale=(0.35, 1.0),
-                              train_subset=5000),
+                              train_subset=5000, min_lr=1e-5, warmup_lr=1e-6, lr_steps_per_epoch=10),
     "smoke": FinetuneRecipe(epochs=15, batch=64, base_lr=4e-3, wd=0.05, warmup_epochs=1, drop_path=0.0,
-                            label_smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0, crop_scale=(0.5, 1.0)),
+                            label_smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0, crop_scale=(0.5, 1.0),
+                            min_lr=1e-5, warmup_lr=1e-6, lr_steps_per_epoch=7),
 }
 
 
@@ -139,10 +148,66 @@ class TensorEpochs:
             yield (self.erase(x) if self.erase else x), self.labels[idx]
 
 
+def deit_lr_schedule(peak: float, min_lr: float, warmup_lr: float, epochs: int, warmup_epochs: float,
+                     iters_per_epoch: int, steps_per_epoch: int = 1) -> np.ndarray:
+    """The lr of every iteration as DeiT's main.py sets it: timm's ``CosineLRScheduler`` as ``create_scheduler``
+    builds it (sched 'cosine', t_initial = epochs, warmup_t = warmup_epochs, warmup_lr_init = warmup_lr,
+    lr_min = min_lr, warmup_prefix False, one cycle; DeiT drops the cooldown epochs ``create_scheduler`` returns),
+    constant within an epoch, ``lr_scheduler.step(epoch)`` after it. The scheduler's value at t is
+    warmup_lr + t (peak - warmup_lr) / warmup_t while t < warmup_t, then min_lr + (peak - min_lr)(1 + cos(pi t /
+    t_initial)) / 2: the cosine runs over t / epochs from t = 0 and the warmup replaces its first epochs. The
+    constructor sets warmup_lr (the peak when there is no warmup) and step(e) sets the value for t = e, so epoch
+    e trains at t = max(e - 1, 0): epochs 0 and 1 both at warmup_lr, the last one at t = epochs - 2.
+
+    ``steps_per_epoch`` k > 1 steps the scheduler k times per epoch over epochs x k steps (warmup_epochs x k of
+    warmup): the same function of training progress with the steps k times finer. A profile that compresses
+    DeiT's epochs uses it so that its run keeps DeiT's number of scheduler steps (``evals.e2e.e2e_recipe``)."""
+    total = epochs * steps_per_epoch
+    warm = round(warmup_epochs * steps_per_epoch, 9)  # 5 x (10/300) x 30 is 5.000000000000001
+    step = np.arange(epochs * iters_per_epoch) * steps_per_epoch // iters_per_epoch  # scheduler step of an iteration
+    t = np.maximum(step - 1, 0).astype(np.float64)  # the value step(t) set at the end of the previous step
+    cosine = min_lr + 0.5 * (peak - min_lr) * (1.0 + np.cos(np.pi * t / total))
+    if warm <= 0:
+        return cosine
+    return np.where(t < warm, warmup_lr + t * (peak - warmup_lr) / warm, cosine)
+
+
+def deit_init_(model: nn.Module) -> nn.Module:
+    """DeiT's initialisation of a ViT (timm 0.3.2's ``VisionTransformer``, which DeiT 0282d2a builds): learned
+    position embedding and [CLS] trunc-normal(0.02), every Linear (the classifier head included) trunc-normal(0.02)
+    with zero bias, LayerNorms weight 1 bias 0, the patch projection PyTorch's default conv init (kaiming-uniform
+    a=sqrt(5), i.e. U(+-1/sqrt(fan_in)) for weight and bias). In place; returns the model."""
+    if model.pos_embed is not None:
+        trunc_normal_(model.pos_embed, std=0.02)
+    if model.cls_token is not None:
+        trunc_normal_(model.cls_token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    proj = model.patch_embed.proj
+    weight = torch.empty(proj.weight.shape)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    bound = 1.0 / math.sqrt(weight[0].numel())
+    with torch.no_grad():
+        if parametrize.is_parametrized(proj, "weight"):
+            proj.weight = weight  # WeightNorm (study 13): g and v through the parametrization's right inverse
+        else:
+            proj.weight.copy_(weight)
+        proj.bias.uniform_(-bound, bound)
+    return model
+
+
 def build_classifier(cfg: RunConfig, num_classes: int, drop_path: float, backbone_state: dict | None) -> nn.Module:
-    """The backbone with a fresh linear head; pretrained weights loaded when given (the head is the only
-    missing key, as ``convert_to_deit.py`` + ``strict=False``). Everything is trainable, as in DeiT."""
-    model = build_vit(cfg, num_classes=num_classes, drop_path_rate=drop_path)
+    """The row's ViT with a linear head, as DeiT builds it: the model initialised as DeiT's (``deit_init_``), then
+    the pretrained weights loaded when given (the head is the only missing key, as ``convert_to_deit.py`` +
+    ``strict=False``), so the head keeps DeiT's trunc-normal(0.02) and a row from scratch is DeiT's from-scratch
+    model (learned position embedding, not the MoCo init or the sin-cos table). Everything is trainable, as in DeiT."""
+    model = deit_init_(build_vit(cfg, num_classes=num_classes, drop_path_rate=drop_path))
     if backbone_state is not None:
         state = {k: v for k, v in backbone_state.items() if not k.startswith("head.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -180,7 +245,8 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
     if ipe == 0:
         raise ValueError(f"fine-tuning batch {batch} exceeds the training set")
     peak = recipe.base_lr * batch / 512
-    lrs = recipe.min_lr + lr_schedule(peak - recipe.min_lr, recipe.epochs, recipe.warmup_epochs, ipe)
+    lrs = deit_lr_schedule(peak, recipe.min_lr, recipe.warmup_lr, recipe.epochs, recipe.warmup_epochs, ipe,
+                           recipe.lr_steps_per_epoch)
 
     model.to(device).train()
     optimizer = create_optimizer_v2(model, opt="adamw", lr=peak, weight_decay=recipe.wd)

@@ -74,6 +74,49 @@ def test_suite_step_times_the_trainers_own_step(monkeypatch):
     assert not torch.equal(before, step.model.backbone.blocks[0].attn.qkv.weight)
 
 
+@pytest.mark.parametrize("framework", [
+    "mocov3",
+    pytest.param("swav", marks=pytest.mark.xfail(strict=True, reason="train_step lacks drop_prototype_gradients "
+                                                 "(#30: one training step); remove this mark when the loop calls it")),
+])
+def test_the_loops_step_is_train_step(framework, monkeypatch):
+    """Two iterations of ``pretrain`` and two calls of ``train_step`` on the same batches, lrs and momenta from the
+    same initial weights give bit-identical weights: what the bench and calibration time is what the loop runs."""
+    from replicate import trainer
+    from replicate.optim import build_optimizer
+
+    initial, inputs = [], []
+    real_model, real_grads = trainer.SelfSupervisedViT, trainer.compute_gradients
+
+    def recording_model(cfg):
+        model = real_model(cfg)
+        initial.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    def recording_grads(model, optimizer, x1, x2, m, lr, *args, **kwargs):
+        inputs.append((x1.clone(), x2.clone(), m, lr))
+        return real_grads(model, optimizer, x1, x2, m, lr, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "SelfSupervisedViT", recording_model)
+    monkeypatch.setattr(trainer, "compute_gradients", recording_grads)
+    cfg = SMOKE.resolve(Setting(framework=framework, warmup_epochs=0))  # no warmup: lr > 0 from the first step
+    looped = trainer.pretrain(cfg, progress=False, max_steps=2).model
+    monkeypatch.setattr(trainer, "compute_gradients", real_grads)
+    assert len(inputs) == 2 and all(lr > 0 for *_, lr in inputs)
+    model = real_model(cfg)
+    model.load_state_dict(initial[0])
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    for x1, x2, m, lr in inputs:
+        trainer.train_step(model, optimizer, x1, x2, m, lr, False, torch.device("cpu"), cfg.setting.patch_proj_clip)
+    stepped = dict(model.named_parameters())
+    moved = 0
+    for name, p in looped.named_parameters():
+        assert torch.equal(p, stepped[name]), name
+        moved += not torch.equal(p, initial[0][name])
+    assert moved > 0
+
+
 def test_plain_reference_is_algorithm_1():
     """One plain step: the key encoder becomes m f_k + (1-m) f_q (from the pre-step f_q), the query encoder moves."""
     cfg = reduced_config(8).model_copy(update={"depth": 1})
@@ -185,16 +228,19 @@ def test_gpu_bench_runs_end_to_end_on_the_cpu_with_the_reduced_model():
     from replicate.bench.gpu import GpuPlan, datasheet_peak, render_gpu, run_gpu_bench
 
     res = run_gpu_bench(GpuPlan.quick(), torch.device("cpu"), log=lambda m: None)
-    row = res["steps"][0]
-    assert row["status"] == "ok" and row["mfu"] == pytest.approx(
-        res["flops"]["train"] * row["images_per_s"] / res["peak"]["flops_per_s"])
+    row = res["steps"][0]  # reduced model, batch 8: MFU = hand-counted FLOPs x images/s over the measured peak
+    assert row["status"] == "ok" and 0 < row["mfu"] < 1
+    assert row["mfu"] == pytest.approx(hand_count_step_flops(batch=8) * 8 / row["step_s"] / res["peak"]["flops_per_s"],
+                                       rel=0.02)
     assert {r["pipeline"].split(":")[0] for r in res["loader"]} == {"official", "suite"}
     assert res["plain"]["speedup"] > 0 and res["plain"]["model_speedup"] > 0
     text = render_gpu(res)
     for heading in ("## Targets", "## 1. Peak", "## 2. ViT-B/16", "## 3. Where", "## 4. The paper path"):
         assert heading in text
-    assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989.4e12 and datasheet_peak("NVIDIA H100 PCIe") == 756e12
-    assert datasheet_peak("Tesla T4") is None
+    # matched in order: a PCIe H100 is not given the SXM part's rate, an H200 has its own entry, unknown cards none
+    assert datasheet_peak("NVIDIA H100 PCIe") < datasheet_peak("NVIDIA H100 80GB HBM3")
+    assert datasheet_peak("NVIDIA H200") is not None and datasheet_peak("NVIDIA A100-SXM4-80GB") is not None
+    assert datasheet_peak("Tesla T4") is None and datasheet_peak("NVIDIA GeForce RTX 4090") is None
 
 
 def test_folder_suite_step_feeds_rgb_crops_through_the_batched_photometric_ops():

@@ -166,7 +166,11 @@ def test_key_encoder_has_no_predictor_and_is_not_optimised():
     assert momentum == {id(p) for m in (model.momentum_backbone, model.momentum_projector) for p in m.parameters()}
     assert all(not p.requires_grad for p in model.momentum_parameters())
     x = images(cfg)
-    torch.testing.assert_close(model.keys(x), model.momentum_projector(model.momentum_backbone(x)))
+    # builder.py copies f_q into f_k at construction: the keys are the online projections, not the predictions
+    with torch.no_grad():
+        z = model.projector(model.backbone(x))
+        torch.testing.assert_close(model.keys(x), z, rtol=0, atol=0)
+        assert not torch.allclose(model.keys(x), model.predictor(z), atol=1e-3)
 
     opt = build_optimizer(cfg, model)
     in_opt = {id(p) for group in opt.param_groups for p in group["params"]}

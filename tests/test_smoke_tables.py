@@ -21,17 +21,19 @@ def test_table_runs_at_smoke_and_renders(spec, results_root):
     store = run_table(spec, "smoke", seeds=1, results_root=results_root, progress=False)
     for row in spec.rows:
         record = json.loads(store.path(spec.key, row.name, 0).read_text())
-        assert record["status"] in ("ok", "diverged")
+        assert record["status"] == "ok", row.name  # no row diverges at smoke scale (seeds 0-3 checked)
         stored = record["config"]["setting"]  # the row's own overrides win over the spec's base, as written in YAML
         assert all(stored[k] == v for k, v in {**spec.base, **row.set}.items()), row.name
         assert record["provenance"]["packages"]["torch"] and record["provenance"]["cpu"]
-        if record["status"] == "ok":
-            assert record["metrics"] and all(0.0 <= v <= 100.0 for v in record["metrics"].values())
-        if spec.kind == "transfer" and spec.setting(row).init == "pretrained":  # above chance: 20% (5 classes)
-            assert list(record["metrics"]) == list(SMOKE.transfer_targets)
-            assert all(v > 20.0 for v in record["metrics"].values()), record["metrics"]
-        if spec.kind == "finetune" and record["status"] == "ok":  # top-1 after fine-tuning on the pretraining labels
-            assert list(record["metrics"]) == ["finetune"]
+        metrics = record["metrics"]
+        assert metrics and all(0.0 <= v <= 100.0 for v in metrics.values()), row.name
+        # what each kind shows at smoke scale (seeds 0-3: kNN/linear 64-89%, transfer 64-82%, fine-tuning 10-45%)
+        if spec.kind == "pretrain":  # 10 digits, chance 10%: a collapsed or label-shuffled backbone scores ~10%
+            assert list(metrics) == ["knn", "linear"] and min(metrics.values()) > 50.0, (row.name, metrics)
+        if spec.kind == "transfer":  # chance 20% (digits 5-9) and 10% (all ten digits), from every initialisation
+            assert list(metrics) == list(SMOKE.transfer_targets) and min(metrics.values()) > 40.0, (row.name, metrics)
+        if spec.kind == "finetune":  # one or two epochs of fine-tuning: near chance at smoke, so only its presence
+            assert list(metrics) == ["finetune"]
     assert not list((store.profile_dir / "ckpt" / spec.key).rglob("*.pt"))  # checkpoints cleaned up
     text = render_table(spec, store, write=True)
     assert (store.profile_dir / f"{spec.key}.md").exists()
@@ -51,3 +53,14 @@ def test_rerun_skips_finished_rows(results_root, capsys):
              for r in spec.rows}
     assert before == after
     assert "done already" in capsys.readouterr().err
+
+
+def test_same_seed_gives_identical_metrics(results_root, tmp_path):
+    """A study run again from scratch with the same seed gives bit-identical metrics (smoke runs of every study were
+    compared so, twice; here the two-row default study, against the module's first run)."""
+    spec = next(s for s in all_specs() if s.id == 8)
+    first = run_table(spec, "smoke", seeds=1, results_root=results_root, progress=False)
+    second = run_table(spec, "smoke", seeds=1, results_root=tmp_path, progress=False)
+    for row in spec.rows:
+        a, b = (json.loads(store.path(spec.key, row.name, 0).read_text())["metrics"] for store in (first, second))
+        assert a == b, row.name
