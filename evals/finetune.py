@@ -9,7 +9,7 @@ One loop for both kinds of data:
   (colour, posterize, solarize ...) are built for RGB photographs and would have to run image by image on
   28x28 grayscale tensors, which costs more than the fine-tuning itself.
 Shared by both: AdamW with lr = base_lr x batch / 512 (DeiT) and DeiT's no-weight-decay groups (biases, norms,
-position embedding, [CLS]), linear warmup + cosine per iteration (``replicate.schedules.lr_schedule``),
+position embedding, [CLS]), linear warmup + cosine per iteration (``replicate.core.schedules.lr_schedule``),
 Mixup/CutMix (``timm.data.Mixup``) with ``SoftTargetCrossEntropy``, label smoothing, drop path, random erasing.
 Not reproduced: DeiT's model EMA (its accuracy is not the one DeiT reports) and gradient scaling (bf16 autocast
 on GPU needs none). As in DeiT, every weight is trained, including the patch projection and position
@@ -25,13 +25,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from replicate import distributed as D
-from replicate.checkpoint import config_fingerprint
-from replicate.config import RunConfig
-from replicate.data import TensorSplit, channel_stats
-from replicate.model import build_vit
-from replicate.schedules import lr_schedule
-from replicate.seeding import augment_seed, epoch_seed, seed_everything
+from replicate.core import distributed as D
+from replicate.core.config import RunConfig
+from replicate.core.data import TensorSplit, channel_stats
+from replicate.core.model import build_vit
+from replicate.core.schedules import lr_schedule
+from replicate.core.seeding import augment_seed, epoch_seed, seed_everything
+from replicate.runtime.checkpoint import config_fingerprint
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
 
@@ -113,7 +113,7 @@ class TensorEpochs:
     """Seeded, shuffled, drop-last batches of an in-memory split with batched crop + flip (+ random erasing)."""
 
     def __init__(self, split: TensorSplit, recipe: FinetuneRecipe, cfg: RunConfig, device: torch.device):
-        from replicate.augment import TwoViewBatchAugment
+        from replicate.core.augment import TwoViewBatchAugment
 
         mean, std = channel_stats(cfg.dataset, cfg.image_size)  # the pretraining data's statistics, as DeiT keeps ImageNet's
         self.augment = TwoViewBatchAugment(cfg.image_size, recipe.crop_scale[0], cfg.blur_sigma, mean, std)

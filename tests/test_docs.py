@@ -3,11 +3,11 @@ import re
 
 import pytest
 
-from replicate.config import Setting
-from replicate.docs import README, REPO, RESULTS_END, RESULTS_START, SPEC_DOC, main, type_name, wanted
-from replicate.render import verdict_summary
-from replicate.results import ResultStore
-from replicate.spec import Row, Spec, find_spec, load_spec
+from replicate.core.config import Setting
+from replicate.report.docs import README, REPO, RESULTS_END, RESULTS_START, SPEC_DOC, main, type_name, wanted
+from replicate.report.render import verdict_summary
+from replicate.study.results import ResultStore
+from replicate.study.spec import Row, Spec, find_spec, load_spec
 
 DOCS = sorted((REPO / "docs").glob("*.md"))
 LINK = re.compile(r"\]\(([^)\s]+)\)")

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from replicate.instability import aggregate, find_dips, find_spikes, spike_lead, summarize
-from replicate.render import INSTABILITY_HEADERS, render_table
-from replicate.results import ResultStore
-from replicate.spec import find_spec, load_spec
+from replicate.report.render import INSTABILITY_HEADERS, render_table
+from replicate.runtime.instability import aggregate, find_dips, find_spikes, spike_lead, summarize
+from replicate.study.results import ResultStore
+from replicate.study.spec import find_spec, load_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -134,7 +134,7 @@ def test_table_columns_and_figures_from_results(tmp_path):
 
 @pytest.mark.smoke
 def test_smoke_run_records_instability_and_renders_figures(tmp_path):
-    from replicate.runner import run_table
+    from replicate.study.runner import run_table
 
     spec = load_spec(find_spec("table4"))
     spec = spec.model_copy(update={"rows": spec.rows[4:6], "reference": "mocov3_lr1.5e-4_learned"})
@@ -159,8 +159,8 @@ def test_smoke_run_records_instability_and_renders_figures(tmp_path):
 def test_instability_target_report_counts_false_positives_and_skips_stale_runs(tmp_path):
     """The report behind docs/reduced-scale.md's instability target: a dip in a paper-stable row is a false
     positive, a paper-unstable row counts once >= 2 of its seeds dip, and a run whose config is stale is ignored."""
-    from replicate.calibrate import instability_report
-    from replicate.profiles import REDUCED
+    from replicate.report.calibration import instability_report
+    from replicate.study.profiles import REDUCED
 
     store = ResultStore(tmp_path, "reduced")
     spec1 = load_spec(find_spec("table1"))
@@ -192,9 +192,9 @@ def test_attention_probe_against_a_written_out_reference():
 
     import torch
 
-    from replicate.model import build_vit
-    from replicate.monitor import attention_probe
-    from replicate.profiles import SMOKE
+    from replicate.core.model import build_vit
+    from replicate.runtime.monitor import attention_probe
+    from replicate.study.profiles import SMOKE
 
     spec = load_spec(find_spec("table5"))
     cfg = SMOKE.resolve(spec.setting(spec.row("sincos")))

@@ -4,11 +4,11 @@ import time
 
 import pytest
 
-from replicate.profiles import PAPER, PAPER_SMOKE
-from replicate.runner import run_table
-from replicate.show import show_table
-from replicate.spec import all_specs, find_spec, load_spec
-from replicate.synthetic import main as synthetic_main
+from replicate.study.profiles import PAPER, PAPER_SMOKE
+from replicate.study.runner import run_table
+from replicate.study.show import show_table
+from replicate.study.spec import all_specs, find_spec, load_spec
+from tools.synthetic import main as synthetic_main
 
 
 def test_every_study_resolves_at_paper_smoke():
@@ -48,7 +48,7 @@ def test_table5_runs_on_a_generated_image_folder(tmp_path):
 def test_a_crash_in_the_probe_resumes_the_probe_not_the_pretraining(tmp_path, monkeypatch):
     """An ImageFolder row keeps its finished pretraining until it is evaluated: after a crash in the linear probe,
     the re-run restores that backbone instead of pretraining again, and scores what an uninterrupted run scores."""
-    import replicate.runner as runner
+    import replicate.study.runner as runner
     from evals import linear
 
     data = tmp_path / "data"

@@ -1,7 +1,7 @@
 """Renderer: deltas, the verdict rule, n/a for unknown paper numbers, "—" for rows not run."""
-from replicate.render import RowStats, render_table, verdict
-from replicate.results import ResultStore
-from replicate.spec import find_spec, load_spec
+from replicate.report.render import RowStats, render_table, verdict
+from replicate.study.results import ResultStore
+from replicate.study.spec import find_spec, load_spec
 
 
 def rows(*vals):
@@ -10,7 +10,7 @@ def rows(*vals):
 
 def smoke_table8_store(tmp_path):
     """Table 8's spec, an empty smoke store, and save(row, seed, linear, **config fields changed from the current)."""
-    from replicate.profiles import SMOKE
+    from replicate.study.profiles import SMOKE
 
     spec = load_spec(find_spec("table8"))
     store = ResultStore(tmp_path, "smoke")
@@ -85,7 +85,7 @@ def test_rendered_table_says_how_its_runs_multiplied(tmp_path):
 
 
 def test_rerun_report_lists_current_rows_and_what_is_left(tmp_path):
-    from replicate.render import rerun_report
+    from replicate.report.render import rerun_report
 
     spec, store, save = smoke_table8_store(tmp_path)
 
@@ -118,8 +118,8 @@ def test_a_row_being_rerun_shows_only_its_current_runs(tmp_path):
 def test_render_defaults_to_the_last_runs_folder_and_only_tables_with_results(tmp_path, monkeypatch, capsys):
     """After a run into some folder, `python -m replicate.render` with no option shows that run's tables (and the
     other profiles there with results), never the empty ones; `--results` given once is enough."""
-    from replicate.render import main
-    from replicate.results import remember_run
+    from replicate.report.render import main
+    from replicate.study.results import remember_run
 
     monkeypatch.setenv("REPLICATE_LAST_RUN", str(tmp_path / "last-run.json"))
     spec, store, save = smoke_table8_store(tmp_path / "mine")
@@ -143,7 +143,7 @@ def test_render_defaults_to_the_last_runs_folder_and_only_tables_with_results(tm
 
 def test_list_prints_the_names_run_takes_in_aligned_columns(capsys):
     from replicate.__main__ import main
-    from replicate.spec import all_specs
+    from replicate.study.spec import all_specs
 
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -162,7 +162,7 @@ def test_the_notes_say_the_runs_own_setting(tmp_path):
 
 
 def test_grad_figure_shows_every_row_and_knn_legend_names_the_faint_lines(tmp_path, monkeypatch):
-    import replicate.figures as figures
+    import replicate.report.figures as figures
 
     spec = load_spec(find_spec("table5"))
     curves = {"knn_steps": [10, 20], "knn_acc": [50.0, 60.0],

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from replicate.profiles import SMOKE
-from replicate.render import render_table
-from replicate.runner import run_table
-from replicate.spec import all_specs
+from replicate.report.render import render_table
+from replicate.study.profiles import SMOKE
+from replicate.study.runner import run_table
+from replicate.study.spec import all_specs
 
 pytestmark = pytest.mark.smoke
 
