@@ -105,12 +105,20 @@ def clip_patch_projection(model: nn.Module, max_norm: float | None) -> None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
-               momentum: float, lr: float, use_amp: bool, device: torch.device,
-               clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One whole iteration as ``pretrain`` runs it, without the monitor: ``compute_gradients``, the patch
-    projection's clipping (``clip``: the setting's ``patch_proj_clip``), then the update."""
+               momentum: float, lr: float, use_amp: bool, device: torch.device, clip: float | None = None,
+               drop_prototypes: bool = False, before_update=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One whole iteration, the one ``pretrain`` runs (and the bench and calibration time): ``compute_gradients``;
+    ``before_update(loss, feats)`` if given (``pretrain``'s monitor: it records the raw gradients, and a False
+    return skips the update of a diverged step, returning None); the patch projection's clipping (``clip``: the
+    setting's ``patch_proj_clip``); SwAV's frozen prototypes (``drop_prototypes``: no prototype update in the first
+    epoch); then the update. ``model`` may be the DDP wrapper. Returns (loss, backbone features of the first view)."""
     loss, feats = compute_gradients(model, optimizer, x1, x2, momentum, lr, use_amp, device)
-    clip_patch_projection(model, clip)
+    if before_update is not None and not before_update(loss, feats):
+        return None
+    inner = getattr(model, "module", model)  # through a DDP wrapper
+    clip_patch_projection(inner, clip)
+    if drop_prototypes:
+        drop_prototype_gradients(inner)
     optimizer.step()
     return loss, feats
 
@@ -331,19 +339,22 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
         model.train()
         for step in bar:
             x1, x2, y = batches.batch(step)
-            loss, feats = compute_gradients(ddp, optimizer, x1, x2, float(ms[step]), float(lrs[step]), use_amp, device)
-            # the global-batch loss: every process sees the same value, so all stop at the same step on divergence
-            monitor.track(D.all_reduce_mean(loss.detach()))
-            if monitor.should_flush(step, total):
-                if not monitor.flush(step, D.gather_no_grad(feats), D.gather_no_grad(y)):
-                    status, diverged_at, trained = "diverged", monitor.diverged_at, step  # this step's update not applied
-                    break
-                bar.set_postfix(loss=f"{monitor.last_loss:.3f}",
-                                knn=f"{monitor.last_knn:.1f}" if monitor.last_knn is not None else "-")
-            clip_patch_projection(model, cfg.setting.patch_proj_clip)  # after the monitor: it records raw gradients
-            if step < frozen_prototypes:
-                drop_prototype_gradients(model)
-            optimizer.step()
+
+            def monitored(loss: torch.Tensor, feats: torch.Tensor, step: int = step, y: torch.Tensor = y) -> bool:
+                """The monitor, between the gradients and the update; False: diverged, this step not applied."""
+                # the global-batch loss: every process sees the same value, so all stop at the same step on divergence
+                monitor.track(D.all_reduce_mean(loss.detach()))
+                if monitor.should_flush(step, total):
+                    if not monitor.flush(step, D.gather_no_grad(feats), D.gather_no_grad(y)):
+                        return False
+                    bar.set_postfix(loss=f"{monitor.last_loss:.3f}",
+                                    knn=f"{monitor.last_knn:.1f}" if monitor.last_knn is not None else "-")
+                return True
+
+            if train_step(ddp, optimizer, x1, x2, float(ms[step]), float(lrs[step]), use_amp, device,
+                          cfg.setting.patch_proj_clip, step < frozen_prototypes, monitored) is None:
+                status, diverged_at, trained = "diverged", monitor.diverged_at, step  # this step's update not applied
+                break
             done = step + 1
             if ckpt_path is not None and every and done % every == 0 and done < total:
                 save(done)
