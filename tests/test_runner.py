@@ -178,16 +178,6 @@ def test_a_record_older_than_a_config_field_counts_it_at_its_default():
     assert config_changes(now, {**now, "checkpoint_every": 7}) == []  # when a run saves is not what it computes
 
 
-def test_the_reduced_profile_is_the_calibrated_candidate():
-    """docs/reduced-scale.md chose candidate w96-b32-e10 at lr scale 20; `reduced` must be exactly that."""
-    from dataclasses import replace
-
-    from replicate.study.profiles import REDUCED
-    from tools.calibrate import candidate
-
-    assert replace(candidate("w96-b32-e10-lr20"), name="reduced", notes=REDUCED.notes) == REDUCED
-
-
 def test_bf16_without_results_writes_apart_and_fp32_needs_no_variable(tmp_path, monkeypatch, capsys):
     """The committed fp32 results and a bf16 CPU never meet: no variable is needed to add to the first, and the
     opt-in writes to its own folder without --results."""

@@ -1,11 +1,12 @@
 """Calibration of the reduced profile: the runs behind ``docs/reduced-scale.md``, reproducible by name.
 
 The reduced profile's free scales (model widths, batch scale, epoch scale, lr scale) are chosen by criteria written
-in ``docs/reduced-scale.md`` before the runs they affect, on one named row per criterion. Each candidate here is a
-named variant of the reduced profile; ``python -m tools.calibrate run NAME --row table5:sincos`` trains that row
+in ``docs/reduced-scale.md`` before the runs they affect, on one named row per criterion. Each candidate is a named
+variant of one base profile, defined with the profiles (``replicate.study.profiles.CANDIDATES``; ``reduced`` is the
+chosen one); ``python -m tools.calibrate run NAME --row table5:sincos`` trains that row
 under it (results in ``docs/reduced-scale/runs/``, the store's usual layout, so finished runs are cached and stale
 ones re-run), ``estimate NAME`` times the whole suite under it, and ``report`` tabulates every run so far. No
-candidate is ever removed from this file: the document keeps every configuration tried, with its numbers.
+candidate is ever removed: the document keeps every configuration tried, with its numbers.
 """
 from __future__ import annotations
 
@@ -13,79 +14,27 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from replicate.core.data import TRANSLATED
 from replicate.core.model import build_vit
 from replicate.report.calibration import RUNS_ROOT, instability_report, report
 from replicate.runtime.instability import record_summary
 from replicate.runtime.monitor import HeldOutKnn
-from replicate.study.profiles import Profile
+from replicate.study.profiles import CANDIDATES, Profile, calibration_candidate
 from replicate.study.runner import run_table
 from replicate.study.spec import all_specs, find_spec, load_spec
-
-# Reduced ViT ladders (width, depth, heads), ViT-S < B < L < H as in Table 2: 24-wide heads throughout.
-W128 = {"vit_small": (96, 4, 4), "vit_base": (128, 4, 4), "vit_large": (160, 6, 5), "vit_huge": (192, 8, 6)}
-W96 = {"vit_small": (72, 4, 3), "vit_base": (96, 4, 4), "vit_large": (120, 6, 5), "vit_huge": (144, 8, 6)}
-
-# The reduced profile the search started from (the committed results until 2026-12), written out so that every
-# candidate below stays what it was when it ran, whatever `reduced` becomes.
-PREVIOUS_REDUCED = Profile(
-    name="reduced", dataset="fashion_mnist", image_size=28, in_chans=1, num_classes=10, train_subset=10_000,
-    archs=W128, patch_map={16: 7, 14: 7, 7: 4}, head_hidden=512, head_out=128,
-    batch_scale=1 / 16, lr_scale=10.0, epoch_scale=7 / 300, crop_min=0.35, blur_sigma=(0.1, 0.6),
-    metrics=("knn", "linear"), linear_protocol="cached", linear_epochs=30, linear_batch=256,
-    linear_base_lr=0.5, monitor_every=20, checkpoint_every=200,
-    transfer_targets=("digits", "fmnist_disjoint"),
-)
-
-# The dense held-out monitor every candidate uses (stage 0 of docs/reduced-scale.md).
-MONITORED = replace(PREVIOUS_REDUCED, monitor_probe=1000, monitor_bank=2000, monitor_every=10)
-
-
-def _variant(name: str, **overrides) -> Profile:
-    return replace(MONITORED, name=f"cal-{name}", **overrides)
-
-
-# Stage 1 (budget): cheapest first by estimated suite time; the first that meets the features criterion wins.
-# Stage 2 (lr scale): the stage-1 winner at lr_scale 10, 20, 40, 80 (names: <winner>-lr<N>).
-CANDIDATES: dict[str, Profile] = {p.name.removeprefix("cal-"): p for p in [
-    _variant("current"),  # the committed profile, with the dense monitor: 128 wide, batch 1/16, 7 epochs
-    _variant("w96-b32-e10", archs=W96, batch_scale=1 / 32, epoch_scale=10 / 300),
-    _variant("w128-b32-e10", archs=W128, batch_scale=1 / 32, epoch_scale=10 / 300),
-    _variant("w96-b16-e21", archs=W96, batch_scale=1 / 16, epoch_scale=21 / 300),
-    _variant("w128-b32-e15", archs=W128, batch_scale=1 / 32, epoch_scale=15 / 300),
-    _variant("w128-b16-e21", archs=W128, batch_scale=1 / 16, epoch_scale=21 / 300),
-]}
-
-
-# Reduced scale v3 (issue #31, docs/reduced-scale.md "Reduced scale v3"): translated Fashion-MNIST, every image at a
-# seeded offset on a 40x40 canvas, patch 10 (16 tokens, as patch 7 on 28x28; the paper's /7 -> 5, 64 tokens), the
-# W96 ladder, batch 128. Free here: the pretraining subset and the budget (stage 1), then the lr scale (stage 2).
-# 59,000 = the training split less the 1,000 held-out images the kNN monitor classifies.
-V3_BASE = replace(CANDIDATES["w96-b32-e10"], dataset=TRANSLATED, image_size=40, patch_map={16: 10, 14: 10, 7: 5},
-                  lr_scale=20.0)
-V3_CANDIDATES: dict[str, Profile] = {p.name.removeprefix("cal-"): p for p in [
-    replace(V3_BASE, name="cal-t40-n59k-e3", train_subset=59_000, epoch_scale=3 / 300),
-    replace(V3_BASE, name="cal-t40-n10k-e20", train_subset=10_000, epoch_scale=20 / 300),
-    replace(V3_BASE, name="cal-t40-n59k-e4", train_subset=59_000, epoch_scale=4 / 300),
-]}
-CANDIDATES.update(V3_CANDIDATES)
 
 # Calibration seeds are never reported: the studies' seeds are 0, 1, 2, ...
 CALIBRATION_SEEDS = (100, 101)
 
 
 def candidate(name: str) -> Profile:
-    """A named candidate; ``<base>-lr<N>`` is candidate ``base`` at lr_scale N (stage 2)."""
-    if name in CANDIDATES:
-        return CANDIDATES[name]
-    base, sep, lr = name.rpartition("-lr")
-    if sep and base in CANDIDATES and lr.isdigit():
-        return replace(CANDIDATES[base], name=f"cal-{name}", lr_scale=float(lr))
-    raise SystemExit(f"error: no calibration candidate {name!r}; known: {', '.join(CANDIDATES)} "
-                     "(or <candidate>-lr<N>)")
+    """A named candidate (``replicate.study.profiles.calibration_candidate``); exits with the known names if none."""
+    try:
+        return calibration_candidate(name)
+    except KeyError:
+        raise SystemExit(f"error: no calibration candidate {name!r}; known: {', '.join(CANDIDATES)} "
+                         "(or <candidate>-lr<N>)") from None
 
 
 def one_row(ref: str):

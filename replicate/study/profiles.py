@@ -12,9 +12,10 @@ step, less than one epoch, fewer than two SwAV prototypes, a paper patch size th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from replicate.core.config import RunConfig, Setting
+from replicate.core.data import TRANSLATED
 
 PAPER_ARCHS = {  # Table 2: blocks, width, heads (ViT-S has 12 heads in the paper, DeiT-S has 6)
     "vit_small": (384, 12, 12),
@@ -123,25 +124,76 @@ PAPER = Profile(
     notes="ImageNet-1k, the paper's models and recipe; linear probe as the official main_lincls.py.",
 )
 
+# The reduced scale's calibration ladder (docs/reduced-scale.md; `python -m tools.calibrate` runs, times and reports
+# the candidates): named variants of one base, never removed, each staying what it was when it ran. `reduced` below
+# is the candidate the search chose, so its sizes are written once, here.
+
+# Reduced ViT ladders (width, depth, heads), ViT-S < B < L < H as in Table 2: 24-wide heads throughout.
+W128 = {"vit_small": (96, 4, 4), "vit_base": (128, 4, 4), "vit_large": (160, 6, 5), "vit_huge": (192, 8, 6)}
+W96 = {"vit_small": (72, 4, 3), "vit_base": (96, 4, 4), "vit_large": (120, 6, 5), "vit_huge": (144, 8, 6)}
+
+# The reduced profile the search started from (the committed results until 2026-12), written out so that every
+# candidate below stays what it was when it ran, whatever `reduced` becomes.
+PREVIOUS_REDUCED = Profile(
+    name="reduced", dataset="fashion_mnist", image_size=28, in_chans=1, num_classes=10, train_subset=10_000,
+    archs=W128, patch_map={16: 7, 14: 7, 7: 4}, head_hidden=512, head_out=128,
+    batch_scale=1 / 16, lr_scale=10.0, epoch_scale=7 / 300, crop_min=0.35, blur_sigma=(0.1, 0.6),
+    metrics=("knn", "linear"), linear_protocol="cached", linear_epochs=30, linear_batch=256,
+    linear_base_lr=0.5, monitor_every=20, checkpoint_every=200,
+    transfer_targets=("digits", "fmnist_disjoint"),
+)
+
+# The dense held-out monitor every candidate uses (stage 0 of docs/reduced-scale.md).
+MONITORED = replace(PREVIOUS_REDUCED, monitor_probe=1000, monitor_bank=2000, monitor_every=10)
+
+
+def _variant(name: str, **overrides) -> Profile:
+    return replace(MONITORED, name=f"cal-{name}", **overrides)
+
+
+# Stage 1 (budget): cheapest first by estimated suite time; the first that meets the features criterion wins.
+# Stage 2 (lr scale): the stage-1 winner at lr_scale 10, 20, 40, 80 (names: <winner>-lr<N>).
+CANDIDATES: dict[str, Profile] = {p.name.removeprefix("cal-"): p for p in [
+    _variant("current"),  # the committed profile, with the dense monitor: 128 wide, batch 1/16, 7 epochs
+    _variant("w96-b32-e10", archs=W96, batch_scale=1 / 32, epoch_scale=10 / 300),
+    _variant("w128-b32-e10", archs=W128, batch_scale=1 / 32, epoch_scale=10 / 300),
+    _variant("w96-b16-e21", archs=W96, batch_scale=1 / 16, epoch_scale=21 / 300),
+    _variant("w128-b32-e15", archs=W128, batch_scale=1 / 32, epoch_scale=15 / 300),
+    _variant("w128-b16-e21", archs=W128, batch_scale=1 / 16, epoch_scale=21 / 300),
+]}
+
+
+# Reduced scale v3 (issue #31, docs/reduced-scale.md "Reduced scale v3"): translated Fashion-MNIST, every image at a
+# seeded offset on a 40x40 canvas, patch 10 (16 tokens, as patch 7 on 28x28; the paper's /7 -> 5, 64 tokens), the
+# W96 ladder, batch 128. Free here: the pretraining subset and the budget (stage 1), then the lr scale (stage 2).
+# 59,000 = the training split less the 1,000 held-out images the kNN monitor classifies.
+V3_BASE = replace(CANDIDATES["w96-b32-e10"], dataset=TRANSLATED, image_size=40, patch_map={16: 10, 14: 10, 7: 5},
+                  lr_scale=20.0)
+V3_CANDIDATES: dict[str, Profile] = {p.name.removeprefix("cal-"): p for p in [
+    replace(V3_BASE, name="cal-t40-n59k-e3", train_subset=59_000, epoch_scale=3 / 300),
+    replace(V3_BASE, name="cal-t40-n10k-e20", train_subset=10_000, epoch_scale=20 / 300),
+    replace(V3_BASE, name="cal-t40-n59k-e4", train_subset=59_000, epoch_scale=4 / 300),
+]}
+CANDIDATES.update(V3_CANDIDATES)
+
+
+def calibration_candidate(name: str) -> Profile:
+    """A named candidate; ``<base>-lr<N>`` is candidate ``base`` at lr_scale N (stage 2)."""
+    if name in CANDIDATES:
+        return CANDIDATES[name]
+    base, sep, lr = name.rpartition("-lr")
+    if sep and base in CANDIDATES and lr.isdigit():
+        return replace(CANDIDATES[base], name=f"cal-{name}", lr_scale=float(lr))
+    raise KeyError(name)
+
+
 # Reduced: Fashion-MNIST, 28x28 grayscale, a narrow ViT. Patch 7 gives 16 tokens (paper /16 and /14 both map to
 # it; /7 maps to 4, i.e. 49 tokens, the same ~3x more tokens the paper's /7 has). Chosen by the search in
-# docs/reduced-scale.md (candidate `w96-b32-e10-lr20` of tools/calibrate.py; a test pins the two equal).
-REDUCED_ARCHS = {  # 24-wide attention heads throughout
-    "vit_small": (72, 4, 3),
-    "vit_base": (96, 4, 4),
-    "vit_large": (120, 6, 5),
-    "vit_huge": (144, 8, 6),
-}
-REDUCED = Profile(
-    name="reduced", dataset="fashion_mnist", image_size=28, in_chans=1, num_classes=10, train_subset=10_000,
-    archs=REDUCED_ARCHS, patch_map={16: 7, 14: 7, 7: 4}, head_hidden=512, head_out=128,
-    batch_scale=1 / 32, lr_scale=20.0, epoch_scale=10 / 300, crop_min=0.35, blur_sigma=(0.1, 0.6),
-    metrics=("knn", "linear"), linear_protocol="cached", linear_epochs=30, linear_batch=256,
-    linear_base_lr=0.5, monitor_every=10, checkpoint_every=200, monitor_probe=1000, monitor_bank=2000,
-    transfer_targets=("digits", "fmnist_disjoint"),
-    notes="Fashion-MNIST, ViT 96 wide x 4 blocks, patch 7, batch 128; kNN and linear probe on cached features; "
-          "a dense held-out kNN monitor.",
-)
+# docs/reduced-scale.md: candidate `w96-b32-e10-lr20` (ladder W96, 24-wide attention heads throughout).
+REDUCED_CANDIDATE = "w96-b32-e10-lr20"
+REDUCED = replace(calibration_candidate(REDUCED_CANDIDATE), name="reduced",
+                  notes="Fashion-MNIST, ViT 96 wide x 4 blocks, patch 7, batch 128; kNN and linear probe on cached "
+                        "features; a dense held-out kNN monitor.")
 
 SMOKE = Profile(
     name="smoke", dataset="digits", image_size=16, in_chans=1, num_classes=10, train_subset=None,
