@@ -1,5 +1,6 @@
 """Renderer: deltas, the verdict rule, n/a for unknown paper numbers, "—" for rows not run."""
-from replicate.report.render import RowStats, render_table, verdict
+from replicate.report.render import RowStats, render_table
+from replicate.report.verdicts import Kind, Verdict, verdict
 from replicate.study.results import ResultStore
 from replicate.study.spec import find_spec, load_spec
 
@@ -24,12 +25,14 @@ def smoke_table8_store(tmp_path):
 
 def test_verdict_rule():
     base = rows(70.0, 70.2, 69.8)
-    assert verdict(-1.6, rows(68.0, 68.1, 67.9), base, "linear").startswith("reproduces")
-    assert verdict(-1.6, rows(72.0, 72.1, 71.9), base, "linear").startswith("opposite")
-    assert verdict(-1.6, rows(70.1, 69.9, 70.0), base, "linear").startswith("within noise")
-    assert verdict(-1.6, rows(68.0), base, "linear") == "? (1 seed)"
-    assert verdict(None, rows(68.0, 68.0), base, "linear").startswith("n/a")
-    assert "(paper Δ small)" in verdict(-0.2, rows(68.0, 68.1, 67.9), base, "linear")
+    assert verdict(-1.6, rows(68.0, 68.1, 67.9), base, "linear").kind == Kind.REPRODUCES
+    assert verdict(-1.6, rows(72.0, 72.1, 71.9), base, "linear").kind == Kind.OPPOSITE
+    assert verdict(-1.6, rows(70.1, 69.9, 70.0), base, "linear").kind == Kind.WITHIN_NOISE
+    assert str(verdict(-1.6, rows(68.0), base, "linear")) == "? (1 seed)"
+    assert str(verdict(None, rows(68.0, 68.0), base, "linear")) == "n/a (no paper Δ)"
+    small = verdict(-0.2, rows(68.0, 68.1, 67.9), base, "linear")
+    assert small.small_paper_delta and str(small).endswith(" (paper Δ small)")
+    assert str(Verdict(Kind.OPPOSITE, 1.25, None, metric="digits")) == "opposite (±1.2) [digits]"
 
 
 def seeded(*vals, seeds=None):
@@ -44,11 +47,12 @@ def test_verdict_pairs_rows_by_seed():
     base = seeded(69.0, 70.0, 71.0)
     row = seeded(68.7, 69.6, 70.8)
     v = verdict(-1.6, row, base, "linear")
-    assert v == "reproduces (±0.1 paired, ±1.7 unpaired)"
+    assert (v.kind, round(v.paired, 3), round(v.unpaired, 2)) == (Kind.REPRODUCES, 0.115, 1.68)
+    assert str(v) == "reproduces (±0.1 paired, ±1.7 unpaired)"
     # the same values in other seeds than the baseline's: nothing to pair, the unpaired band decides
-    assert verdict(-1.6, seeded(68.7, 69.6, 70.8, seeds=[5, 6, 7]), base, "linear") == "within noise (±1.7)"
+    assert str(verdict(-1.6, seeded(68.7, 69.6, 70.8, seeds=[5, 6, 7]), base, "linear")) == "within noise (±1.7)"
     # anti-correlated seeds: pairing widens the band rather than hiding it
-    assert verdict(-1.6, seeded(71.7, 69.6, 67.8), base, "linear").startswith("within noise")
+    assert verdict(-1.6, seeded(71.7, 69.6, 67.8), base, "linear").kind == Kind.WITHIN_NOISE
 
 
 def test_unrun_table_shows_paper_numbers_and_dashes(tmp_path):

@@ -21,6 +21,7 @@ import argparse
 import math
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from tabulate import tabulate
@@ -32,18 +33,14 @@ from replicate.report.stats import (
     _delta,
     _mean_delta,
     metric_keys,
-    paired_noise,
     paper_delta,
-    unpaired_noise,
-    verdict_noise,
 )
+from replicate.report.verdicts import COMPARED, Kind, Verdict, verdict
 from replicate.runtime.atomic import WriteError, atomic_write_text
 from replicate.runtime.instability import aggregate, record_summary
 from replicate.study.profiles import PROFILES, get_profile
 from replicate.study.results import DEFAULT_ROOT, ResultStore, UnreadableFile, config_changes, is_current, last_run
 from replicate.study.spec import Row, Spec, SpecError, all_specs, find_spec, load_spec
-
-PAPER_NOISE = 0.3
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -58,26 +55,6 @@ def paper_value(spec: Spec, row: Row) -> float | None:
     if isinstance(row.paper, dict):
         return None
     return row.paper
-
-
-def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) -> str:
-    if paper_d is None:
-        return "n/a (no paper Δ)"
-    m_r, m_b = ours.mean(metric), base.mean(metric)
-    if m_r is None or m_b is None:
-        return DASH
-    unpaired = unpaired_noise(ours, base, metric)
-    if unpaired is None:
-        return "? (1 seed)"
-    paired, noise = paired_noise(ours, base, metric), verdict_noise(ours, base, metric)
-    band = f"±{unpaired:.1f}" if paired is None else f"±{paired:.1f} paired, ±{unpaired:.1f} unpaired"
-    d = m_r - m_b
-    small = " (paper Δ small)" if abs(paper_d) <= PAPER_NOISE else ""
-    if abs(d) <= noise:
-        return f"within noise ({band}){small}"
-    if paper_d == 0 or (d > 0) == (paper_d > 0):
-        return f"reproduces ({band}){small}"
-    return f"opposite ({band}){small}"
 
 
 def unreadable_rows(spec: Spec, store: ResultStore, warn: bool = False) -> dict[str, list[str]]:
@@ -129,7 +106,7 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     transfer = spec.kind == "transfer"
     monitored = spec.kind == "pretrain"  # fine-tuning rows have no pretraining monitor curves to summarise
-    verdicts = {row.name: v for row, v, _ in row_verdicts(spec, records, store.profile)}
+    verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, store.profile)}
     rows_out = []
     for row in spec.rows:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
@@ -180,12 +157,13 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
     return text
 
 
-def _transfer_verdict(pd, ours: RowStats, base: RowStats, metrics: list[str]) -> str:
+def _transfer_verdict(pd, ours: RowStats, base: RowStats, metrics: list[str]) -> Verdict:
     """Transfer rows: the verdict of the first target with results (targets differ from the paper's)."""
     for m in metrics:
         if ours.values(m) and base.values(m):
-            return verdict(pd, ours, base, m) + (f" [{m}]" if len(metrics) > 1 else "")
-    return DASH
+            v = verdict(pd, ours, base, m)
+            return replace(v, metric=m) if len(metrics) > 1 else v
+    return Verdict(Kind.NOT_RUN)
 
 
 INSTABILITY_HEADERS: list[str] = ["kNN dips", "max dip", "grad spikes 1st/last", "1st leads by"]
@@ -272,10 +250,7 @@ def _setting_line(spec: Spec, store: ResultStore, records: dict) -> list[str]:
             f"--profile {store.profile}`.", ""]
 
 
-VERDICTS = ("reproduces", "within noise", "opposite")
-
-
-def row_verdicts(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[tuple[Row, str, int]]:
+def row_verdicts(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[tuple[Row, Verdict, int]]:
     """Every compared row of a study (baseline rows left out), from its ``rendered_records``: its verdict as
     ``render_table`` writes it (it takes them from here), and the fewest seeds on either side of the comparison for
     the metric the verdict is taken on (0: not run)."""
@@ -315,7 +290,7 @@ def rerun_report(profile: str = "reduced", results: str | Path | None = None) ->
         if missing:
             pending.append(f"{spec.name} ({len(missing)} of {len(spec.rows)}"
                            + (f": {', '.join(missing)})" if current else ")"))
-        verdicts = {row.name: v for row, v, _ in row_verdicts(spec, records, profile)}
+        verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, profile)}
         metrics = metric_keys(spec, records, profile)
         for row in spec.rows:
             if row.name not in current:
@@ -348,7 +323,7 @@ def verdict_summary(profile: str = "reduced", results: str | Path | None = None)
     for spec in all_specs():
         records = rendered_records(spec, store)
         verdicts = row_verdicts(spec, records, profile)
-        counts = Counter(next((k for k in VERDICTS if v.startswith(k)), "other") for _, v, _ in verdicts)
+        counts = Counter(v.kind if v.kind in COMPARED else "other" for _, v, _ in verdicts)
         seeds = sorted({n for _, _, n in verdicts if n})
         seeds_cell = DASH if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
         table = store.profile_dir / f"{spec.key}.md"
@@ -358,7 +333,7 @@ def verdict_summary(profile: str = "reduced", results: str | Path | None = None)
             study = spec.name
         stale = len(stale_rows(spec, records, profile))
         lines.append(f"| {study} | {spec.title} | {len(verdicts)} | " + " | ".join(
-            str(counts[k]) for k in (*VERDICTS, "other")) + f" | {seeds_cell} | {stale} |")
+            str(counts[k]) for k in (*COMPARED, "other")) + f" | {seeds_cell} | {stale} |")
     return "\n".join(lines) + "\n"
 
 
