@@ -228,7 +228,7 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
         lines += ["Linear: top-1 after the probe's last epoch; `linear_best`, where shown, is its best epoch's (the "
                   "number the official `main_lincls.py` reports).", ""]
     lines += ["Verdict: our Δ vs the paper's Δ, with noise = 2·sqrt(s²/n + s_ref²/n_ref) over seeds "
-              "(see `replicate/report/render.py`).", ""]
+              "(see `replicate/render.py`).", ""]  # the committed tables' text: the entry point's path
     return lines
 
 
