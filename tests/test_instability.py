@@ -160,6 +160,7 @@ def test_instability_target_report_counts_false_positives_and_skips_stale_runs(t
     """The report behind docs/reduced-scale.md's instability target: a dip in a paper-stable row is a false
     positive, a paper-unstable row counts once >= 2 of its seeds dip, and a run whose config is stale is ignored."""
     from replicate.report.calibration import instability_report
+    from replicate.report.render import read_studies
     from replicate.study.profiles import REDUCED
 
     store = ResultStore(tmp_path, "reduced")
@@ -178,7 +179,7 @@ def test_instability_target_report_counts_false_positives_and_skips_stale_runs(t
     put("bs1024", 2, [(30, 5.0)], stale=True)  # not counted
     for seed in range(3):
         put("bs6144", seed, [(30, 5.0)] if seed else [])
-    text = instability_report("reduced", tmp_path)
+    text = instability_report(read_studies(REDUCED, tmp_path))
     assert "| stable | table1:bs1024 | 2 | 1, 0 | " in text
     assert "False positives (a dip in a paper-stable row): 1 of 2 runs (50%)." in text
     assert "Paper-unstable rows with dips in >= 2 of their seeds: 1 of 1." in text

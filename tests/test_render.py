@@ -90,19 +90,20 @@ def test_rendered_table_says_how_its_runs_multiplied(tmp_path):
 
 def test_rerun_report_lists_current_rows_and_what_is_left(tmp_path):
     from replicate.report.render import rerun_report
+    from replicate.study.profiles import SMOKE
 
     spec, store, save = smoke_table8_store(tmp_path)
 
     for seed, (a, b) in enumerate([(80.0, 78.0), (81.0, 78.5), (80.5, 77.5)]):
         save("with_pred", seed, a)
         save("no_pred", seed, b, epochs=999)  # made with another profile: stale, not shown
-    text = rerun_report("smoke", tmp_path)
+    text = rerun_report(SMOKE, tmp_path)
     assert "| table8 | w/ pred. MLP | 80.5 ± 0.5 (n=3) linear |  |  | reference | — |" in text
     assert "w/o pred" not in text and "table8 (1 of 2: no_pred)" in text
     for seed, b in enumerate([78.0, 78.5, 77.5]):
         save("no_pred", seed, b)
-    line = next(ln for ln in rerun_report("smoke", tmp_path).splitlines() if "w/o pred" in ln)
-    assert "| -2.5 | -1.0 | reproduces" in line and "table8 (" not in rerun_report("smoke", tmp_path)
+    line = next(ln for ln in rerun_report(SMOKE, tmp_path).splitlines() if "w/o pred" in ln)
+    assert "| -2.5 | -1.0 | reproduces" in line and "table8 (" not in rerun_report(SMOKE, tmp_path)
 
 
 def test_a_row_being_rerun_shows_only_its_current_runs(tmp_path):

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from replicate.core.model import build_vit
 from replicate.report.calibration import RUNS_ROOT, instability_report, report
+from replicate.report.render import read_studies
 from replicate.runtime.instability import record_summary
 from replicate.runtime.monitor import HeldOutKnn
-from replicate.study.profiles import CANDIDATES, Profile, calibration_candidate
+from replicate.study.profiles import CANDIDATES, REDUCED, Profile, calibration_candidate
 from replicate.study.runner import run_table
 from replicate.study.spec import all_specs, find_spec, load_spec
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "stage2":
         print(stage2_report(args.base))
     elif args.command == "instability":
-        print(instability_report())
+        print(instability_report(read_studies(REDUCED)))
     else:
         print(report())
     return 0

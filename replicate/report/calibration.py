@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 from replicate.runtime.instability import record_summary
-from replicate.study.profiles import get_profile
-from replicate.study.results import ResultStore, is_current
-from replicate.study.spec import find_spec, load_spec
+from replicate.study.results import StudyRecords
+from replicate.study.spec import find_spec
 
 # The calibration runs' results (the store's usual layout), committed with the document that quotes them.
 RUNS_ROOT = Path(__file__).resolve().parents[2] / "docs" / "reduced-scale" / "runs"
@@ -45,25 +44,21 @@ TWINS = (("table4:mocov3_lr0.5e-4_random", "table4:mocov3_lr0.5e-4_learned"),
          ("table4:mocov3_lr1.5e-4_random", "table4:mocov3_lr1.5e-4_learned"))
 
 
-def current_records(ref: str, profile: str = "reduced", results_root: Path | None = None) -> list[dict]:
+def current_records(ref: str, studies: dict[str, StudyRecords]) -> list[dict]:
     """The seed records of ``ref`` ('table1:bs4096') made with the config the spec resolves to now (stale ones and
-    failed ones left out), by seed."""
-
+    failed ones left out), by seed; ``studies``: every study's runs (``replicate.report.render.read_studies``)."""
     table, _, name = ref.partition(":")
-    spec = load_spec(find_spec(table))
-    row, prof = spec.row(name), get_profile(profile)
-    out = [rec for rec in ResultStore(results_root, profile).table_records(spec.key).get(name, [])
-           if rec.get("status") == "ok" and is_current(rec, spec, row, prof)]
-    return sorted(out, key=lambda r: r["seed"])
+    study = studies[find_spec(table).stem]
+    return study.current_ok(study.spec.row(name))
 
 
-def instability_report(profile: str = "reduced", results_root: Path | None = None) -> str:
-    """The instability target measured on the committed results: kNN dips per seed in the paper's unstable and
-    stable rows, the detector's false-positive rate (stable row-seeds with a dip), the first layer's lead, and the
-    random vs learned patch-projection twins."""
+def instability_report(studies: dict[str, StudyRecords]) -> str:
+    """The instability target measured on a profile's results (``studies``: every study's runs, read once): kNN dips
+    per seed in the paper's unstable and stable rows, the detector's false-positive rate (stable row-seeds with a
+    dip), the first layer's lead, and the random vs learned patch-projection twins."""
 
     def cells(ref: str):
-        recs = current_records(ref, profile, results_root)
+        recs = current_records(ref, studies)
         sums = [record_summary(r) or {} for r in recs]
         dips = [s.get("knn", {}).get("n_dips", 0) for s in sums]
         depth = max((s.get("knn", {}).get("max_depth", 0.0) for s in sums), default=0.0)

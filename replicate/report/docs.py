@@ -27,7 +27,9 @@ from pydantic_core import PydanticUndefined
 
 from replicate.core.config import Setting
 from replicate.report.calibration import instability_report, report
-from replicate.report.render import rerun_report, verdict_summary
+from replicate.report.render import read_studies, rerun_report, verdict_summary
+from replicate.study.profiles import REDUCED
+from replicate.study.results import StudyRecords
 from replicate.study.spec import TABLES_DIR, Row, Spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +37,7 @@ SPEC_DOC = REPO / "docs" / "spec-format.md"
 README = REPO / "README.md"
 REDUCED_DOC = REPO / "docs" / "reduced-scale.md"
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
-README_PROFILE = "reduced"
+README_PROFILE = REDUCED
 EXAMPLE_SPEC = "05_position_embedding.yaml"
 
 _SCALARS = {int: "integer", float: "number", str: "text", bool: "boolean", dict: "mapping", list: "list",
@@ -186,24 +188,24 @@ def with_block(text: str, name: str, body: str, where: str = "README.md") -> str
     return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
 
 
-def readme_with_results(readme: str, profile: str = README_PROFILE) -> str:
-    """The README with its results block regenerated from the committed results."""
+def readme_with_results(readme: str, studies: dict[str, StudyRecords] | None = None) -> str:
+    """The README with its results block regenerated from the committed results (``studies``: read once)."""
+    return with_block(readme, "results", verdict_summary(README_PROFILE, studies=studies))
 
-    return with_block(readme, "results", verdict_summary(profile))
 
-
-def reduced_doc(text: str) -> str:
-    """docs/reduced-scale.md with its measured blocks regenerated from the committed runs."""
-
+def reduced_doc(text: str, studies: dict[str, StudyRecords] | None = None) -> str:
+    """docs/reduced-scale.md with its measured blocks regenerated from the committed runs (``studies``: read once)."""
+    studies = studies or read_studies(README_PROFILE)
     text = with_block(text, "calibration", report(), REDUCED_DOC.name)
-    text = with_block(text, "studies", rerun_report(README_PROFILE), REDUCED_DOC.name)
-    return with_block(text, "instability", instability_report(), REDUCED_DOC.name)
+    text = with_block(text, "studies", rerun_report(README_PROFILE, studies=studies), REDUCED_DOC.name)
+    return with_block(text, "instability", instability_report(studies), REDUCED_DOC.name)
 
 
 def wanted() -> dict[Path, str]:
-    """Every generated file and the text it should have."""
-    return {SPEC_DOC: spec_format(), README: readme_with_results(README.read_text()),
-            REDUCED_DOC: reduced_doc(REDUCED_DOC.read_text())}
+    """Every generated file and the text it should have; the committed results are read once for all of them."""
+    studies = read_studies(README_PROFILE)
+    return {SPEC_DOC: spec_format(), README: readme_with_results(README.read_text(), studies),
+            REDUCED_DOC: reduced_doc(REDUCED_DOC.read_text(), studies)}
 
 
 def main(argv: list[str] | None = None) -> int:

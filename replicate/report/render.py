@@ -38,8 +38,8 @@ from replicate.report.stats import (
 from replicate.report.verdicts import COMPARED, Kind, Verdict, verdict
 from replicate.runtime.atomic import WriteError, atomic_write_text
 from replicate.runtime.instability import aggregate, record_summary
-from replicate.study.profiles import PROFILES, get_profile
-from replicate.study.results import DEFAULT_ROOT, ResultStore, UnreadableFile, config_changes, is_current, last_run
+from replicate.study.profiles import PROFILES, Profile, get_profile
+from replicate.study.results import DEFAULT_ROOT, ResultStore, StudyRecords, UnreadableFile, last_run
 from replicate.study.spec import Row, Spec, SpecError, all_specs, find_spec, load_spec
 
 
@@ -57,51 +57,29 @@ def paper_value(spec: Spec, row: Row) -> float | None:
     return row.paper
 
 
-def unreadable_rows(spec: Spec, store: ResultStore, warn: bool = False) -> dict[str, list[str]]:
+def study_records(spec: Spec, store: ResultStore) -> StudyRecords:
+    """A study's runs in ``store``, read once, judged current or stale under the store's profile (not judged where
+    the profile is not one of ``PROFILES``)."""
+    return StudyRecords(spec, store, PROFILES.get(store.profile))
+
+
+def unreadable_rows(study: StudyRecords, warn: bool = False) -> dict[str, list[str]]:
     """Rows with a result file that cannot be read -> those files' names; ``warn``: one stderr line per file (the
     table marks the row, its other seeds still count, and every other row and study renders as usual)."""
-    _, bad = store.scan(spec.key)
     if warn:
-        for errors in bad.values():
+        for errors in study.unreadable.values():
             for e in errors:
                 print(f"warning: {e}", file=sys.stderr)
-    return {row: [e.path.name for e in errors] for row, errors in bad.items()}
+    return {row: [e.path.name for e in errors] for row, errors in study.unreadable.items()}
 
 
-def rendered_records(spec: Spec, store: ResultStore) -> dict[str, list[dict]]:
-    """The runs a study's table shows, per row: once a row's re-run has begun, only its runs made with the config the
-    spec resolves to now (a mean never mixes two configs); a row with none shows its stale runs, marked stale.
-    Unreadable result files are left out (``unreadable_rows``)."""
-    records = store.table_records(spec.key)
-    if store.profile not in PROFILES:
-        return records
-    profile = PROFILES[store.profile]
-    for row in spec.rows:
-        current = [r for r in records.get(row.name, []) if is_current(r, spec, row, profile)]
-        if current:
-            records[row.name] = current
-    return records
-
-
-def stale_rows(spec: Spec, records: dict[str, list[dict]], profile: str) -> dict[str, list[str]]:
-    """Rows with a run whose stored config is not what the spec resolves to now -> how it differs (first such run).
-    Records without a stored config and profiles not registered here are not judged."""
-    if profile not in PROFILES:
-        return {}
-    out = {}
-    for row in spec.rows:
-        for rec in records.get(row.name, []):
-            if rec.get("config") is not None and not is_current(rec, spec, row, PROFILES[profile]):
-                now = PROFILES[profile].resolve(spec.setting(row), seed=rec.get("seed", 0)).model_dump(mode="json")
-                out[row.name] = config_changes(rec["config"], now)
-                break
-    return out
-
-
-def render_table(spec: Spec, store: ResultStore, write: bool = False) -> str:
-    records = rendered_records(spec, store)
-    unreadable = unreadable_rows(spec, store, warn=True)
-    stale = stale_rows(spec, records, store.profile)
+def render_table(spec: Spec, store: ResultStore, write: bool = False, study: StudyRecords | None = None) -> str:
+    """A study's table (``study``: its runs, if already read). Rows show ``StudyRecords.shown()``: once a row's
+    re-run has begun only its current runs, else its stale ones, marked stale; unreadable files are left out."""
+    study = study or study_records(spec, store)
+    records = study.shown()
+    unreadable = unreadable_rows(study, warn=True)
+    stale = study.stale(records)
     metrics = metric_keys(spec, records, store.profile)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     transfer = spec.kind == "transfer"
@@ -251,7 +229,7 @@ def _setting_line(spec: Spec, store: ResultStore, records: dict) -> list[str]:
 
 
 def row_verdicts(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[tuple[Row, Verdict, int]]:
-    """Every compared row of a study (baseline rows left out), from its ``rendered_records``: its verdict as
+    """Every compared row of a study (baseline rows left out), from ``StudyRecords.shown()``: its verdict as
     ``render_table`` writes it (it takes them from here), and the fewest seeds on either side of the comparison for
     the metric the verdict is taken on (0: not run)."""
     metrics = metric_keys(spec, records, profile)
@@ -272,26 +250,27 @@ def row_verdicts(spec: Spec, records: dict[str, list[dict]], profile: str) -> li
     return out
 
 
-def rerun_report(profile: str = "reduced", results: str | Path | None = None) -> str:
+def rerun_report(profile: Profile, results: str | Path | None = None,
+                 studies: dict[str, StudyRecords] | None = None) -> str:
     """Every row holding results made with the config its spec resolves to now: its number over seeds, our and the
     paper's delta and the verdict (as ``render_table``; only once its baseline row is current too) and the kNN dips
     of each seed; then the rows not yet (re-)run. The per-row view of the README's verdict counts, for
-    docs/reduced-scale.md."""
-
-    store = ResultStore(results, profile)
+    docs/reduced-scale.md. ``studies``: every study's runs, if already read (``read_studies``)."""
+    studies = studies or read_studies(profile, results)
     lines = ["| study | row | ours (seeds) | ours Δ | paper Δ | verdict | kNN dips per seed |",
              "|---|---|---|---|---|---|---|"]
     pending = []
-    for spec in all_specs():
-        records = rendered_records(spec, store)
-        stale = stale_rows(spec, records, profile)
+    for study in studies.values():
+        spec = study.spec
+        records = study.shown()
+        stale = study.stale(records)
         current = {r.name for r in spec.rows if records.get(r.name) and r.name not in stale}
         missing = [r.name for r in spec.rows if r.name not in current]
         if missing:
             pending.append(f"{spec.name} ({len(missing)} of {len(spec.rows)}"
                            + (f": {', '.join(missing)})" if current else ")"))
-        verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, profile)}
-        metrics = metric_keys(spec, records, profile)
+        verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, profile.name)}
+        metrics = metric_keys(spec, records, profile.name)
         for row in spec.rows:
             if row.name not in current:
                 continue
@@ -312,27 +291,37 @@ def rerun_report(profile: str = "reduced", results: str | Path | None = None) ->
     return "\n".join(lines) + "\n"
 
 
-def verdict_summary(profile: str = "reduced", results: str | Path | None = None) -> str:
+def read_studies(profile: Profile, results: str | Path | None = None) -> dict[str, StudyRecords]:
+    """Every shipped study's runs under ``profile`` (results root ``results``, default the repository's), read once
+    for a command that reports on all of them (the README's counts, docs/reduced-scale.md's blocks)."""
+    store = ResultStore(results, profile.name)
+    return {spec.key: StudyRecords(spec, store, profile) for spec in all_specs()}
+
+
+def verdict_summary(profile: Profile, results: str | Path | None = None,
+                    studies: dict[str, StudyRecords] | None = None) -> str:
     """One markdown line per study: how many compared rows reproduce the paper's effect, are within noise or go the
     opposite way (the verdicts of ``render_table``), how many have no verdict, and the seeds per row. Links point
-    to the rendered tables, relative to the repository root (the README's folder)."""
-    store = ResultStore(results, profile)
+    to the rendered tables, relative to the repository root (the README's folder). ``studies``: every study's runs,
+    if already read (``read_studies``)."""
+    studies = studies or read_studies(profile, results)
     repo = Path(__file__).resolve().parents[2]
     lines = ["| study | title | compared rows | reproduces | within noise | opposite | no verdict | seeds | stale rows |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|"]
-    for spec in all_specs():
-        records = rendered_records(spec, store)
-        verdicts = row_verdicts(spec, records, profile)
+    for study in studies.values():
+        spec, store = study.spec, study.store
+        records = study.shown()
+        verdicts = row_verdicts(spec, records, profile.name)
         counts = Counter(v.kind if v.kind in COMPARED else "other" for _, v, _ in verdicts)
         seeds = sorted({n for _, _, n in verdicts if n})
         seeds_cell = DASH if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
         table = store.profile_dir / f"{spec.key}.md"
         try:
-            study = f"[{spec.name}]({table.resolve().relative_to(repo).as_posix()})" if table.exists() else spec.name
+            link = f"[{spec.name}]({table.resolve().relative_to(repo).as_posix()})" if table.exists() else spec.name
         except ValueError:  # a results folder outside the repository: no link
-            study = spec.name
-        stale = len(stale_rows(spec, records, profile))
-        lines.append(f"| {study} | {spec.title} | {len(verdicts)} | " + " | ".join(
+            link = spec.name
+        stale = len(study.stale(records))
+        lines.append(f"| {link} | {spec.title} | {len(verdicts)} | " + " | ".join(
             str(counts[k]) for k in (*COMPARED, "other")) + f" | {seeds_cell} | {stale} |")
     return "\n".join(lines) + "\n"
 

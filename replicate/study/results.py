@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -148,6 +149,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+@functools.cache
 def _field_defaults() -> dict:
     """Flattened defaults of RunConfig (and its Setting): a record written before a field existed ran with them."""
     from pydantic_core import PydanticUndefined
@@ -158,11 +160,85 @@ def _field_defaults() -> dict:
     return out
 
 
+class CurrentConfigs:
+    """The one "current or stale" decision: what ``spec``'s rows resolve to now under ``profile`` (a ``Profile``),
+    each (row, seed) resolved once however many records ask, and whether a stored run was made with it."""
+
+    def __init__(self, spec, profile):
+        self.spec, self.profile = spec, profile
+        self._configs: dict[tuple[str, int], RunConfig] = {}
+        self._dumps: dict[tuple[str, int], dict] = {}
+
+    def config(self, row, seed: int = 0) -> RunConfig:
+        """``row`` resolved at the profile for ``seed``."""
+        key = (row.name, seed)
+        if key not in self._configs:
+            self._configs[key] = self.profile.resolve(self.spec.setting(row), seed=seed)
+        return self._configs[key]
+
+    def now(self, row, seed: int = 0) -> dict:
+        """The same as a record stores it (JSON types); callers must not modify it."""
+        key = (row.name, seed)
+        if key not in self._dumps:
+            self._dumps[key] = self.config(row, seed).model_dump(mode="json")
+        return self._dumps[key]
+
+    def changes(self, record: dict, row) -> list[str]:
+        """How ``record``'s stored config differs from what its row and seed resolve to now (``config_changes``)."""
+        return config_changes(record.get("config"), self.now(row, record.get("seed", 0)))
+
+    def is_current(self, record: dict, row) -> bool:
+        """Whether the stored run was made with the config ``row`` resolves to now; a record without a stored
+        config is not."""
+        return record.get("config") is not None and not self.changes(record, row)
+
+
 def is_current(record: dict, spec, row, profile) -> bool:
-    """Whether a stored run was made with the config that ``row`` of ``spec`` resolves to now under ``profile`` (a
-    ``Profile``); a record without a stored config is not."""
-    now = profile.resolve(spec.setting(row), seed=record.get("seed", 0)).model_dump(mode="json")
-    return record.get("config") is not None and not config_changes(record["config"], now)
+    """``CurrentConfigs(spec, profile).is_current(record, row)``, for a single record."""
+    return CurrentConfigs(spec, profile).is_current(record, row)
+
+
+class StudyRecords:
+    """A study's stored runs under one profile, read once per command and shared by whatever asks about them (the
+    table, the README's counts, the docs' blocks): by row, the unreadable files by row, and ``current`` (None where
+    the profile is not known here: then no run is judged stale)."""
+
+    def __init__(self, spec, store: "ResultStore", profile=None):
+        self.spec, self.store = spec, store
+        self.records, self.unreadable = store.scan(spec.key)
+        self.current = CurrentConfigs(spec, profile) if profile is not None else None
+
+    def shown(self) -> dict[str, list[dict]]:
+        """The runs a study's table shows, per row: once a row's re-run has begun, only its runs made with the
+        config the spec resolves to now (a mean never mixes two configs); a row with none shows its stale runs."""
+        out = {row: list(recs) for row, recs in self.records.items()}
+        if self.current is None:
+            return out
+        for row in self.spec.rows:
+            current = [r for r in out.get(row.name, []) if self.current.is_current(r, row)]
+            if current:
+                out[row.name] = current
+        return out
+
+    def stale(self, records: dict[str, list[dict]] | None = None) -> dict[str, list[str]]:
+        """Rows with a run (of ``records``, default ``shown()``) whose stored config is not what the spec resolves to
+        now -> how it differs (first such run). Records without a stored config are not judged."""
+        if self.current is None:
+            return {}
+        records = self.shown() if records is None else records
+        out = {}
+        for row in self.spec.rows:
+            for rec in records.get(row.name, []):
+                if rec.get("config") is not None and not self.current.is_current(rec, row):
+                    out[row.name] = self.current.changes(rec, row)
+                    break
+        return out
+
+    def current_ok(self, row) -> list[dict]:
+        """``row``'s finished runs made with the config it resolves to now, by seed."""
+        recs = [r for r in self.records.get(row.name, [])
+                if r.get("status") == "ok" and self.current is not None and self.current.is_current(r, row)]
+        return sorted(recs, key=lambda r: r["seed"])
 
 
 def config_changes(stored: dict | None, current: dict) -> list[str]:

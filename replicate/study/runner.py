@@ -28,11 +28,11 @@ from replicate.study.export import keep_backbone
 from replicate.study.finetune_row import run_finetune_row
 from replicate.study.profiles import Profile, get_profile
 from replicate.study.results import (
+    CurrentConfigs,
     ResultsError,
     ResultStore,
     UnreadableFile,
     config_changes,
-    is_current,
     provenance,
     record_precision,
     run_results_root,
@@ -192,16 +192,17 @@ PRECISION_README = (f"README, 'CPU precision': CPU runs multiply in {DEFAULT} un
                     f"results/{BF16_RESULTS}/ when no --results is given")
 
 
-def check_precision(spec: Spec, profile: Profile, store: ResultStore, precision: str) -> None:
+def check_precision(current: CurrentConfigs, store: ResultStore, precision: str) -> None:
     """Refuse to add runs that multiply in ``precision`` to a study whose current rows multiplied otherwise: a
     study's deltas must not mix bf16 and fp32 pretraining. Without ``--results`` the two never meet (bf16 CPU runs
     default to ``results/cpu-bf16/``, ``run_results_root``); this guards an explicit ``--results`` folder (and a GPU
-    run's bf16 autocast beside CPU runs)."""
+    run's bf16 autocast beside CPU runs). ``current``: the study's rows as they resolve now."""
+    spec = current.spec
     records = store.table_records(spec.key)
     other = {}
     for row in spec.rows:
         for rec in records.get(row.name, []):
-            if is_current(rec, spec, row, profile) and record_precision(rec) != precision:
+            if current.is_current(rec, row) and record_precision(rec) != precision:
                 other.setdefault(record_precision(rec), []).append(f"{row.name}/seed{rec.get('seed', 0)}")
     if other:
         theirs, runs = next(iter(other.items()))
@@ -227,11 +228,12 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
         log(f"[{profile.name}] {ENV}=bf16: results go to {run_results_root(None)}, apart from the fp32 ones "
             "(README, CPU precision)")
     store = ResultStore(run_results_root(results_root), profile.name)
+    current = CurrentConfigs(spec, profile)  # each (row, seed) resolved once for the whole run
     if D.is_main():
         store.check_writable()
         check_inputs(spec, profile, data_root)
         if not force:
-            check_precision(spec, profile, store, precision)
+            check_precision(current, store, precision)
         store.claim(spec.key, spec.source)
     baselines = None
     if D.is_main():
@@ -239,20 +241,20 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
             baselines = store.load_baselines()
         except UnreadableFile as e:  # derived data: computed again below, and said so
             log(f"[{profile.name}] baselines {e.path} unreadable ({e.why}): computing them again")
-    now = baseline_key(profile.resolve(spec.setting(spec.row(spec.reference))))
+    now = baseline_key(current.config(spec.row(spec.reference)))
     if (spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and D.is_main()
             and (baselines is None or baselines.get("depends_on") != now)):
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
         store.save_baselines(compute_baselines(profile, spec, data_root))
     jobs = [(row, seed) for row in spec.rows for seed in (range(seeds) if isinstance(seeds, int) else seeds)]
-    eta = StudyEta(sum(force or not _stored_and_kept(store, spec, row, seed, profile, keep_stale)
+    eta = StudyEta(sum(force or not _stored_and_kept(store, current, row, seed, keep_stale)
                        for row, seed in jobs) if D.is_main() else 0)
     if D.is_main():
         log(f"[{profile.name} {spec.name}] {len(jobs)} run(s): {len(jobs) - eta.todo} with results already, "
             f"{eta.todo} to run")
     for n, (row, seed) in enumerate(jobs, 1):
         head = f"[{profile.name} {spec.name} {n}/{len(jobs)}] {row.name} seed {seed}"
-        config = profile.resolve(spec.setting(row), seed=seed).model_dump(mode="json")
+        config = current.now(row, seed)
         # only rank 0 takes the row lock (the others would wait on it forever) and tells them whether to skip
         with store.lock(spec.key, row.name, seed) if D.is_main() else contextlib.nullcontext():
             skip = False
@@ -326,16 +328,16 @@ def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int
     return store
 
 
-def _stored_and_kept(store: ResultStore, spec: Spec, row: Row, seed: int, profile: Profile, keep_stale: bool) -> bool:
+def _stored_and_kept(store: ResultStore, current: CurrentConfigs, row: Row, seed: int, keep_stale: bool) -> bool:
     """Whether the loop will skip (row, seed): a current stored result, or a stale one kept by ``--keep-stale``
     (an unreadable one is re-run, and the loop says so)."""
     try:
-        old = store.load(spec.key, row.name, seed)
+        old = store.load(current.spec.key, row.name, seed)
     except UnreadableFile:
         return False
     if old is None:
         return False
-    return keep_stale or is_current(old, spec, row, profile)
+    return keep_stale or current.is_current(old, row)
 
 
 def duration(seconds: float) -> str:
