@@ -36,7 +36,7 @@ def finished_row(tmp_path_factory):
     results = root / "results"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REPLICATE_COMPILE", "0")  # on a GPU the row would evaluate a compiled forward, `evaluate` an eager one
-        store = replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+        store = replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     record = json.loads(store.path(spec.key, "ref", 0).read_text())
     return spec, spec_path, results, store, record
 
@@ -197,7 +197,7 @@ def test_export_without_a_result_says_to_run_the_table(tmp_path, capsys):
 def test_a_reused_row_shares_its_twins_backbone(finished_row, tmp_path):
     spec, _, results, store, record = finished_row
     twin = write_spec(tmp_path / "ckpt_io_twin.yaml", 95)
-    replicate.study.runner.run_table(twin, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(twin, SMOKE, results_root=results, progress=False)
     copy = json.loads(store.path(twin.key, "ref", 0).read_text())
     assert copy["reused_from"] == f"{spec.key}/ref/seed0" and copy["backbone"] == "seed0.backbone.pt"
     assert store.backbone_path(twin.key, "ref", 0).read_bytes() == store.backbone_path(spec.key, "ref", 0).read_bytes()

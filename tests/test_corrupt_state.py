@@ -75,7 +75,7 @@ def fake_training(monkeypatch):
 def test_an_unreadable_result_is_one_line_and_rerun_saying_so(tmp_path, fake_training, capsys, kind):
     spec = write_spec(tmp_path / "corrupt.yaml")
     results = tmp_path / "results"
-    store = replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     bad = store.path(spec.key, "a", 0)
     bad.write_bytes(CORRUPT[kind])
     with pytest.raises(UnreadableFile) as e:
@@ -91,12 +91,12 @@ def test_an_unreadable_result_is_one_line_and_rerun_saying_so(tmp_path, fake_tra
 
     # another study's run never trips over it (it looks for a twin among every study's results)
     other = write_spec(tmp_path / "other.yaml", "  - {name: a, label: a, set: {momentum: 0.9}}\n", table_id=97)
-    replicate.study.runner.run_table(other, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(other, SMOKE, results_root=results, progress=False)
     assert fake_training == ["a", "b", "a"]
 
     # this study's next run re-runs the row over it, and says so in one line
     capsys.readouterr()
-    replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     log = capsys.readouterr().err
     assert fake_training == ["a", "b", "a", "a"]
     assert f"stored result {bad} is unreadable" in log and "re-running the row over it" in log
@@ -121,7 +121,7 @@ def test_the_renderer_renders_every_other_study(tmp_path, fake_training, capsys)
 def test_an_unreadable_baselines_file_is_recomputed_saying_so_and_rendered_as_such(tmp_path, fake_training, capsys):
     spec = write_spec(tmp_path / "corrupt.yaml")
     results = tmp_path / "results"
-    store = replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     baselines = results / "smoke" / "baselines.json"
     baselines.write_text('{"dataset": "digits", "raw_pix')  # truncated
     capsys.readouterr()
@@ -129,7 +129,7 @@ def test_an_unreadable_baselines_file_is_recomputed_saying_so_and_rendered_as_su
     err = capsys.readouterr().err
     assert "Baselines: baselines.json is unreadable (not valid JSON" in text and "row b" in text
     assert err.count("\n") == 1 and str(baselines) in err
-    replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)  # rows done: only baselines
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)  # rows done: only baselines
     log = capsys.readouterr().err
     assert f"baselines {baselines} unreadable (not valid JSON" in log and "computing them again" in log
     assert store.load_baselines()["raw_pixels"] == {"knn": 1.0} and fake_training == ["a", "b"]
@@ -150,7 +150,7 @@ def test_a_damaged_spec_marker_is_one_line_for_its_study_only(tmp_path, fake_tra
     assert err.count("\n") == 1 and str(marker) in err and what in err and f"echo {spec.source} > {marker}" in err
     assert fake_training == [] and marker.read_bytes() == content
     other = write_spec(tmp_path / "other.yaml", table_id=97)  # another study runs
-    replicate.study.runner.run_table(other, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(other, SMOKE, results_root=results, progress=False)
     assert fake_training == ["a", "b"]
 
 
@@ -253,7 +253,7 @@ def test_crash_leftovers_are_removed_on_the_rows_next_run(tmp_path, fake_trainin
     others = [ckpt_dir / ".seed1.pt.k3j2.tmp", ckpt_dir / ".seed01.pt.z.tmp", row_dir / "notes.tmp"]
     for p in mine + others:
         p.write_bytes(b"half a file")
-    replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     log = capsys.readouterr().err
     assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
     assert log.count("removed 4 temp file(s) an interrupted write left") == 1

@@ -11,7 +11,7 @@ import replicate.study.transfer_row
 from evals.finetune import PAPER_IMAGENET_FINETUNE, PAPER_IMAGENET_FINETUNE_LARGE
 from replicate.study.export import export_row
 from replicate.study.finetune_row import e2e_recipe, pretraining_run
-from replicate.study.profiles import PAPER, REDUCED, SMOKE
+from replicate.study.profiles import PAPER, PAPER_SMOKE, REDUCED, SMOKE
 from replicate.study.results import ResultsError
 from replicate.study.runner import run_table
 from replicate.study.show import show_table
@@ -64,7 +64,7 @@ def test_keys_a_kind_never_reads_are_one_line_errors(tmp_path, kind, row_set, pr
 
 
 def test_show_at_paper_scale_lists_the_fine_tuning_recipe():
-    out = show_table(SPEC, "paper")  # what `python -m replicate show table15 --profile paper` prints
+    out = show_table(SPEC, PAPER)  # what `python -m replicate show table15 --profile paper` prints
     head = [c.strip() for c in out.splitlines()[1].strip("|").split("|")]
     rows = {cells[0]: dict(zip(head, cells)) for cells in
             ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[3:])}
@@ -81,7 +81,7 @@ def test_smoke_run_pretrains_only_the_pretrained_rows_and_fine_tunes_their_backb
     the kept backbone of an identical default row another study finished first, ViT-L's is pretrained by the row."""
     (tmp_path / "ref.yaml").write_text("id: 93\ntitle: Default row\npaper_ref: test\nreference: ref\n"
                                        "rows:\n  - {name: ref, label: default ViT-B}\n")
-    store = run_table(load_spec(tmp_path / "ref.yaml"), "smoke", results_root=tmp_path, progress=False)
+    store = run_table(load_spec(tmp_path / "ref.yaml"), SMOKE, results_root=tmp_path, progress=False)
     default_vit_b = torch.load(store.backbone_path("ref", "ref", 0), weights_only=True)["backbone"]
     real_pretrain, real_build = replicate.runtime.trainer.pretrain, evals.finetune.build_classifier
     pretrained, started = [], []
@@ -99,7 +99,7 @@ def test_smoke_run_pretrains_only_the_pretrained_rows_and_fine_tunes_their_backb
 
     monkeypatch.setattr(replicate.study.transfer_row, "pretrain", pretrain)
     monkeypatch.setattr(evals.finetune, "build_classifier", build_classifier)
-    store = run_table(SPEC, "smoke", results_root=tmp_path, progress=False)
+    store = run_table(SPEC, SMOKE, results_root=tmp_path, progress=False)
     records = {r.name: json.loads(store.path(SPEC.key, r.name, 0).read_text()) for r in SPEC.rows}
     assert len(pretrained) == 1  # mocov3_vit_l; mocov3_vit_b reused the default row; scratch rows never pretrain
     assert [(loaded, dp) for loaded, dp, _ in started] == [(True, 0.1), (False, 0.1), (True, 0.5), (False, 0.1)]
@@ -115,7 +115,7 @@ def test_smoke_run_pretrains_only_the_pretrained_rows_and_fine_tunes_their_backb
     assert all(torch.equal(kept[k], v) for k, v in pretrained[0].items())
     assert not store.backbone_path(SPEC.key, "scratch_vit_b", 0).exists()
     with pytest.raises(ResultsError, match="trains from scratch"):
-        export_row(SPEC, "scratch_vit_b", "smoke", 0, "timm", tmp_path / "x.pth", results_root=tmp_path)
+        export_row(SPEC, "scratch_vit_b", SMOKE, 0, "timm", tmp_path / "x.pth", results_root=tmp_path)
     assert not list((store.profile_dir / "ckpt").rglob("*.pt"))
 
 
@@ -147,7 +147,7 @@ def test_paper_path_fine_tunes_with_deits_data_pipeline(tmp_path):
     (tmp_path / "two.yaml").write_text("\n".join(line for line in text.splitlines() if line not in rows) + "\n")
     spec = load_spec(tmp_path / "two.yaml")
     assert [r.name for r in spec.rows] == ["mocov3_vit_b", "scratch_vit_b"]
-    store = run_table(spec, "paper-smoke", data_root=str(tmp_path / "data"), results_root=tmp_path / "res",
+    store = run_table(spec, PAPER_SMOKE, data_root=str(tmp_path / "data"), results_root=tmp_path / "res",
                       progress=False)
     for row in spec.rows:
         rec = json.loads(store.path(spec.key, row.name, 0).read_text())
@@ -171,7 +171,7 @@ def test_a_diverged_fine_tuning_is_a_diverged_row_not_a_crash(tmp_path, monkeypa
                                        "reference: deit\nrows:\n  - {name: deit, label: scratch, "
                                        "set: {init: random, finetune_epochs: 150}}\n")
     spec = load_spec(tmp_path / "one.yaml")
-    store = run_table(spec, "smoke", results_root=tmp_path, progress=False)
+    store = run_table(spec, SMOKE, results_root=tmp_path, progress=False)
     rec = json.loads(store.path(spec.key, "deit", 0).read_text())
     assert (rec["status"], rec["diverged_in"], rec["metrics"]) == ("diverged", "finetuning", {})
     assert rec["diverged_at"] == 1  # the first step at lr 1e9 already overflows
@@ -197,11 +197,11 @@ def test_a_crash_while_fine_tuning_keeps_the_pretraining(tmp_path, monkeypatch):
 
     monkeypatch.setattr(replicate.study.finetune_row, "finetune", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_table(spec, "smoke", results_root=tmp_path, progress=False)
+        run_table(spec, SMOKE, results_root=tmp_path, progress=False)
     monkeypatch.setattr(replicate.study.transfer_row, "pretrain", lambda *a, **k: pytest.fail("pretraining ran again"))
     monkeypatch.setattr(replicate.study.finetune_row, "finetune",
                         lambda state, *a, **k: starts.append(state) or real_finetune(state, *a, **k))
-    store = run_table(spec, "smoke", results_root=tmp_path, progress=False)
+    store = run_table(spec, SMOKE, results_root=tmp_path, progress=False)
     assert json.loads(store.path(spec.key, "moco", 0).read_text())["status"] == "ok"
     assert all(torch.equal(starts[1][k], v) for k, v in starts[0].items())
     assert not list((store.profile_dir / "ckpt").rglob("*.pt"))

@@ -62,7 +62,7 @@ def test_diverged_row_is_recorded_and_the_table_goes_on(tmp_path):
     rows = ("  - {name: a, label: absurd lr, set: {base_lr: 1.0e+6}}\n"
             "  - {name: b, label: normal}\n")
     spec = load_spec(write_spec(tmp_path / "faults.yaml", rows))
-    store = run_table(spec, "smoke", results_root=tmp_path / "results", progress=False)
+    store = run_table(spec, SMOKE, results_root=tmp_path / "results", progress=False)
     a = json.loads(store.path(spec.key, "a", 0).read_text())
     b = json.loads(store.path(spec.key, "b", 0).read_text())
     assert a["status"] == "diverged" and isinstance(a["diverged_at"], int) and 0 <= a["diverged_at"] < 18

@@ -6,6 +6,7 @@ import pytest
 
 from replicate.report.render import INSTABILITY_HEADERS, render_table
 from replicate.runtime.instability import aggregate, find_dips, find_spikes, spike_lead, summarize
+from replicate.study.profiles import SMOKE
 from replicate.study.results import ResultStore
 from replicate.study.spec import find_spec, load_spec
 
@@ -138,7 +139,7 @@ def test_smoke_run_records_instability_and_renders_figures(tmp_path):
 
     spec = load_spec(find_spec("table4"))
     spec = spec.model_copy(update={"rows": spec.rows[4:6], "reference": "mocov3_lr1.5e-4_learned"})
-    store = run_table(spec, "smoke", results_root=tmp_path, progress=False)
+    store = run_table(spec, SMOKE, results_root=tmp_path, progress=False)
     rec = store.load(spec.key, "mocov3_lr1.5e-4_random", 0)
     # the record's summary is the one of its own curves (summarize itself is pinned on synthetic curves above)
     assert rec["instability"] == json.loads(json.dumps(summarize(rec["curves"])))

@@ -6,6 +6,7 @@ import pytest
 import replicate.study.results
 import replicate.study.runner
 from replicate.runtime.precision import training_precision
+from replicate.study.profiles import SMOKE
 from replicate.study.results import ResultsError, ResultStore
 from replicate.study.spec import load_spec
 
@@ -22,7 +23,7 @@ def test_identical_row_is_reused_and_identical_on_rerun(tmp_path, monkeypatch):
     second = write_spec(tmp_path / "b.yaml", 93, "  - {name: ref, label: reference}\n"
                                                  "  - {name: m0, label: m=0, set: {momentum: 0.0}}\n")
     results = tmp_path / "results"
-    store = replicate.study.runner.run_table(first, "smoke", results_root=results, progress=False)
+    store = replicate.study.runner.run_table(first, SMOKE, results_root=results, progress=False)
     original = json.loads(store.path(first.key, "ref", 0).read_text())
 
     trained = []
@@ -33,14 +34,14 @@ def test_identical_row_is_reused_and_identical_on_rerun(tmp_path, monkeypatch):
         return real_run_row(spec, row, *args, **kwargs)
 
     monkeypatch.setattr(replicate.study.runner, "run_row", counting_run_row)
-    replicate.study.runner.run_table(second, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(second, SMOKE, results_root=results, progress=False)
     assert trained == ["m0"]  # the shared row was not trained again; the different one was
     copy = json.loads(store.path(second.key, "ref", 0).read_text())
     assert copy["reused_from"] == f"{first.key}/ref/seed0" and copy["row"] == "ref" and copy["table"] == second.key
     assert copy["metrics"] == original["metrics"] and copy["config"] == original["config"]
 
     # the premise: a run is a deterministic function of its config, so --force reproduces the copied numbers
-    replicate.study.runner.run_table(second, "smoke", results_root=results, progress=False, force=True)
+    replicate.study.runner.run_table(second, SMOKE, results_root=results, progress=False, force=True)
     rerun = json.loads(store.path(second.key, "ref", 0).read_text())
     assert "reused_from" not in rerun and rerun["metrics"] == original["metrics"]
     assert rerun["curves"]["series"]["loss"] == original["curves"]["series"]["loss"]
@@ -80,18 +81,18 @@ def test_a_row_reruns_when_its_resolved_config_changed(tmp_path, monkeypatch, ca
     path, results = tmp_path / "lr.yaml", tmp_path / "results"
     rows = "  - {name: ref, label: reference}\n  - {name: other, label: other, set: {momentum: 0.9}}\n"
     spec = write_spec(path, 5, rows)
-    replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other"]
-    replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other"]  # unchanged spec: both cached
     assert capsys.readouterr().err.count("done already") == 2
 
     path.write_text(path.read_text().replace("warmup_epochs: 10}", "warmup_epochs: 10, base_lr: 5.0e-4}"))
     edited = load_spec(path)
-    replicate.study.runner.run_table(edited, "smoke", results_root=results, progress=False, keep_stale=True)
+    replicate.study.runner.run_table(edited, SMOKE, results_root=results, progress=False, keep_stale=True)
     assert trained == ["ref", "other"]  # kept on request
     assert "stale, kept" in capsys.readouterr().err
-    replicate.study.runner.run_table(edited, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(edited, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other", "ref", "other"]  # the edit re-ran both rows
     err = capsys.readouterr().err
     assert "config changed" in err and "setting.base_lr: 0.00015 -> 0.0005" in err
@@ -107,23 +108,23 @@ def test_a_study_never_mixes_bf16_and_fp32_pretraining(tmp_path, monkeypatch):
     spec = write_spec(tmp_path / "mix.yaml", 5, "  - {name: ref, label: reference}\n  - {name: other, label: other, "
                                                 "set: {momentum: 0.9}}\n")
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
-    replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     store = ResultStore(results, "smoke")
     store.path(spec.key, "other", 0).unlink()  # one row left to run, now on a machine that defaults to bf16
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")  # the opt-in, into an explicit --results folder of fp32 runs
     with pytest.raises(ResultsError, match="ref/seed0.*in fp32, .*README, 'CPU precision'.* To match, run with "
                                            "unset REPLICATE_CPU_MATMUL"):
-        replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+        replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other"]
     # ... nor reuses a run of another study that multiplied otherwise
     assert store.find_same_run(json.loads(store.path(spec.key, "ref", 0).read_text())["config"],
                                "bf16 matmul, fp32 accumulate") is None
-    replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False, force=True)  # all rows in bf16
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False, force=True)  # all rows in bf16
     assert trained == ["ref", "other", "ref", "other"]
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
     with pytest.raises(ResultsError, match="in bf16 matmul, fp32 accumulate, this run would pretrain in fp32.*"
                                            "REPLICATE_CPU_MATMUL=bf16; or pass another --results DIR"):
-        replicate.study.runner.run_table(spec, "smoke", results_root=results, progress=False)
+        replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
 
 
 def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
@@ -133,8 +134,8 @@ def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
     results = tmp_path / "results"
     mine = write_spec(tmp_path / "my_momentum.yaml", 9, "  - {name: ref, label: reference}\n")
     theirs = write_spec(tmp_path / "other_study.yaml", 9, "  - {name: ref, label: reference}\n")
-    replicate.study.runner.run_table(mine, "smoke", results_root=results, progress=False)
-    replicate.study.runner.run_table(theirs, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(mine, SMOKE, results_root=results, progress=False)
+    replicate.study.runner.run_table(theirs, SMOKE, results_root=results, progress=False)
     assert mine.key != theirs.key
     assert (results / "smoke" / mine.key / "ref" / "seed0.json").exists()
     assert (results / "smoke" / theirs.key / "ref" / "seed0.json").exists()
@@ -142,7 +143,7 @@ def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     clash = write_spec(tmp_path / "elsewhere" / "my_momentum.yaml", 9, "  - {name: ref, label: reference}\n")
     with pytest.raises(ResultsError, match="holds the results of"):
-        replicate.study.runner.run_table(clash, "smoke", results_root=results, progress=False)
+        replicate.study.runner.run_table(clash, SMOKE, results_root=results, progress=False)
 
 
 def test_missing_data_root_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -188,14 +189,14 @@ def test_bf16_without_results_writes_apart_and_fp32_needs_no_variable(tmp_path, 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     spec = write_spec(tmp_path / "mix.yaml", 5, "  - {name: ref, label: reference}\n")
     monkeypatch.delenv("REPLICATE_CPU_MATMUL", raising=False)
-    store = replicate.study.runner.run_table(spec, "smoke", progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, progress=False)
     assert store.root == tmp_path / "results" and trained == ["ref"]
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")
-    store = replicate.study.runner.run_table(spec, "smoke", seeds=2, progress=False)  # no mixing error: its own folder
+    store = replicate.study.runner.run_table(spec, SMOKE, seeds=2, progress=False)  # no mixing error: its own folder
     assert store.root == tmp_path / "results" / "cpu-bf16" and trained == ["ref", "ref", "ref"]
     assert "results/cpu-bf16" in capsys.readouterr().err
     monkeypatch.delenv("REPLICATE_CPU_MATMUL")
-    replicate.study.runner.run_table(spec, "smoke", seeds=2, progress=False)  # back to fp32: adds seed 1 to results/
+    replicate.study.runner.run_table(spec, SMOKE, seeds=2, progress=False)  # back to fp32: adds seed 1 to results/
     assert trained == ["ref", "ref", "ref", "ref"]
 
 
@@ -208,9 +209,9 @@ def test_progress_counts_the_runs_left_and_estimates_the_time(tmp_path, monkeypa
     spec = write_spec(tmp_path / "eta.yaml", 5, "  - {name: ref, label: reference}\n"
                                                 "  - {name: other, label: other, set: {momentum: 0.9}}\n")
     results = tmp_path / "results"
-    replicate.study.runner.run_table(spec, "smoke", seeds=1, results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, seeds=1, results_root=results, progress=False)
     capsys.readouterr()
-    replicate.study.runner.run_table(spec, "smoke", seeds=3, results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, seeds=3, results_root=results, progress=False)
     err = capsys.readouterr().err
     assert "6 run(s): 2 with results already, 4 to run" in err
     assert "seed 1: running (study: 0/4 run)" in err  # nothing finished yet: no estimate
@@ -226,7 +227,7 @@ def test_a_resumed_row_reports_its_whole_pretraining_time(tmp_path, monkeypatch,
     monkeypatch.setattr(replicate.study.runner, "run_row", resumed_run_row)
     monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
     spec = write_spec(tmp_path / "resumed.yaml", 5, "  - {name: ref, label: reference}\n")
-    store = replicate.study.runner.run_table(spec, "smoke", results_root=tmp_path / "results", progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, results_root=tmp_path / "results", progress=False)
     assert "(pretraining 500s in total, 400s of it before the resume; 120s in this run;" in capsys.readouterr().err
     assert "_pretrained_before_s" not in json.loads(store.path(spec.key, "ref", 0).read_text())
 

@@ -193,5 +193,5 @@ def test_training_length_keeps_the_warmup_and_scales_both_lengths_alike():
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_new_studies_resolve_at_every_profile(table, profile):
     spec = load_spec(find_spec(table))
-    text = show_table(spec, profile)  # builds every row's backbone (on the meta device)
+    text = show_table(spec, PROFILES[profile])  # builds every row's backbone (on the meta device)
     assert all(f"| {r.name} " in text for r in spec.rows)

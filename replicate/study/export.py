@@ -26,8 +26,8 @@ from torch import nn
 from replicate.core.config import RunConfig
 from replicate.core.model import timm_vit_kwargs
 from replicate.runtime.checkpoint import atomic_torch_save, load_problem, safe_load
-from replicate.study.profiles import get_profile
-from replicate.study.results import DEFAULT_ROOT, ResultsError, ResultStore, config_changes
+from replicate.study.profiles import Profile
+from replicate.study.results import DEFAULT_ROOT, CurrentConfigs, ResultsError, ResultStore
 from replicate.study.spec import Spec, SpecError, check_profile
 
 BACKBONE_FORMAT = "replicate-backbone/1"
@@ -146,16 +146,16 @@ def how_to_load(fmt: str, out: Path, cfg: RunConfig) -> str:
             f"pretrained_cfg_overlay=dict(file={str(out)!r}))")
 
 
-def export_row(spec: Spec, row: str, profile: str, seed: int, fmt: str, out: str | Path,
+def export_row(spec: Spec, row: str, profile: Profile, seed: int, fmt: str, out: str | Path,
                results_root: str | Path | None = None) -> str:
     """Write a finished row's backbone to ``out`` in ``fmt`` (timm or moco-v3); returns how to load it."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    store = ResultStore(results_root, profile)
-    check_profile(spec, get_profile(profile))
+    store = ResultStore(results_root, profile.name)
+    check_profile(spec, profile)
     state, cfg = load_row_backbone(store, spec, row, seed)
-    now = get_profile(profile).resolve(spec.setting(spec.row(row)), seed=seed).model_dump(mode="json")
-    changes = config_changes(cfg.model_dump(mode="json"), now)
+    changes = CurrentConfigs(spec, profile).changes({"config": cfg.model_dump(mode="json"), "seed": seed},
+                                                    spec.row(row))
     if changes:
         print(f"warning: {spec.name} row {row} is stale (the spec changed since: {'; '.join(changes)}); "
               "exporting the stored backbone", file=sys.stderr)

@@ -26,7 +26,7 @@ from replicate.runtime.precision import BF16_RESULTS, DEFAULT, ENV, LABELS, trai
 from replicate.runtime.trainer import PretrainResult, pretrain
 from replicate.study.export import keep_backbone
 from replicate.study.finetune_row import run_finetune_row
-from replicate.study.profiles import Profile, get_profile
+from replicate.study.profiles import Profile
 from replicate.study.results import (
     CurrentConfigs,
     ResultsError,
@@ -214,13 +214,12 @@ def check_precision(current: CurrentConfigs, store: ResultStore, precision: str)
             f"{'run with ' + match if match else 'run on the same kind of device'}; or pass another --results DIR")
 
 
-def run_table(spec: Spec, profile_name: str | Profile, seeds: int | Sequence[int] = 1, force: bool = False,
+def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, force: bool = False,
               data_root: str | None = None, results_root=None, progress: bool = True,
               keep_stale: bool = False) -> ResultStore:
     """Run every (row, seed) that has no current result. A stored result is current while its resolved config
     equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
     it stale), and the log names the fields that changed."""
-    profile = profile_name if isinstance(profile_name, Profile) else get_profile(profile_name)
     check_profile(spec, profile)  # every row resolves at this profile (a SpecError names row and key)
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     precision = training_precision("cuda" if torch.cuda.is_available() else "cpu")
@@ -372,7 +371,6 @@ class StudyEta:
         return text
 
 
-def resolved_settings(spec: Spec, profile_name: str) -> list[tuple[Row, Setting, RunConfig]]:
-    profile = get_profile(profile_name)
+def resolved_settings(spec: Spec, profile: Profile) -> list[tuple[Row, Setting, RunConfig]]:
     check_profile(spec, profile)
     return [(row, spec.setting(row), profile.resolve(spec.setting(row))) for row in spec.rows]

@@ -7,7 +7,7 @@ from tabulate import tabulate
 from replicate.core.moco import MOMENTUM_FRAMEWORKS
 from replicate.core.model import build_vit, count_parameters
 from replicate.study.finetune_row import e2e_recipe
-from replicate.study.profiles import get_profile
+from replicate.study.profiles import Profile
 from replicate.study.runner import resolved_settings
 from replicate.study.spec import Spec
 
@@ -35,7 +35,7 @@ def patch_proj_cell(s) -> str:
     return s.patch_proj + "".join(extras)
 
 
-def show_table(spec: Spec, profile: str) -> str:
+def show_table(spec: Spec, profile: Profile) -> str:
     rows = []
     for row, s, cfg in resolved_settings(spec, profile):
         n = backbone_params(cfg)
@@ -49,14 +49,14 @@ def show_table(spec: Spec, profile: str) -> str:
             "optim", "batch", "lr", "wd", "epochs", "warmup", "tau", "data"]
     if spec.kind == "finetune":
         rows, head = with_finetune_columns(spec, profile, rows, head)
-    title = f"{spec.name}: {spec.title} ({spec.paper_ref}) at profile '{profile}'"
+    title = f"{spec.name}: {spec.title} ({spec.paper_ref}) at profile '{profile.name}'"
     return title + "\n" + tabulate(rows, head, tablefmt="github")
 
 
 PRETRAIN_ONLY = ("framework", "m", "optim", "batch", "lr", "wd", "epochs", "warmup", "tau")  # column names
 
 
-def with_finetune_columns(spec: Spec, profile: str, rows: list[list], head: list[str]) -> tuple[list[list], list[str]]:
+def with_finetune_columns(spec: Spec, profile: Profile, rows: list[list], head: list[str]) -> tuple[list[list], list[str]]:
     """A fine-tuning study: where each row starts (pretrained or scratch) and its fine-tuning recipe at this profile
     (evals/e2e.py); a row from scratch is never pretrained, so its pretraining columns are dashes."""
 
@@ -64,7 +64,7 @@ def with_finetune_columns(spec: Spec, profile: str, rows: list[list], head: list
     blank = {head.index(h) for h in PRETRAIN_ONLY}
     out = []
     for cells, (_, s, _) in zip(rows, resolved_settings(spec, profile)):
-        r = e2e_recipe(s, get_profile(profile))
+        r = e2e_recipe(s, profile)
         scratch = s.init == "random"
         cells = ["—" if scratch and i in blank else c for i, c in enumerate(cells)]
         out.append([*cells, "scratch" if scratch else s.init, r.epochs, f"{r.warmup_epochs:.3g}", r.batch,
