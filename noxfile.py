@@ -8,7 +8,7 @@ package index, find-links or constraints configured for pip on this machine are 
 installed, nox falls back to virtualenv (each session then installs its own torch).
 
 `nox -s tableN` first checks, with the standard library only, that the study's data is there (Fashion-MNIST for
-the reduced profile, in the places `replicate.data` looks: `replicate/datapaths.py`), and only then builds the one
+the reduced profile, in the places `replicate.core.data` looks: `replicate/core/datapaths.py`), and only then builds the one
 environment every study runs in (the `study` session).
 """
 from __future__ import annotations
@@ -71,8 +71,8 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 
 def datapaths():
-    """replicate/datapaths.py loaded on its own (standard library only: no torch, no package install needed)."""
-    spec = importlib.util.spec_from_file_location("replicate_datapaths", ROOT / "replicate" / "datapaths.py")
+    """replicate/core/datapaths.py loaded on its own (standard library only: no torch, no package install needed)."""
+    spec = importlib.util.spec_from_file_location("replicate_datapaths", ROOT / "replicate" / "core" / "datapaths.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -138,14 +138,14 @@ def smoke(session: nox.Session) -> None:
     for n in TABLES:
         session.run("replicate", "run", f"table{n}", "--profile", "smoke", "--quiet", "--no-render",
                     *session.posargs)
-    session.run("python", "-m", "replicate.render", "--profile", "smoke")
+    session.run("python", "-m", "replicate.report.render", "--profile", "smoke")
 
 
 @nox.session(**VENV)
 def render(session: nox.Session) -> None:
     """Write and print the tables that have results (`-- --profile smoke`, `-- --results DIR` to choose)."""
     install(session)
-    session.run("python", "-m", "replicate.render", *session.posargs)
+    session.run("python", "-m", "replicate.report.render", *session.posargs)
 
 
 @nox.session(**VENV)
@@ -157,13 +157,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(**VENV)
 def lint(session: nox.Session) -> None:
-    """ruff over the code and the tests."""
-    session.install("ruff")
-    session.run("ruff", "check", "replicate", "evals", "tests", "noxfile.py")
+    """ruff over the code and the tests; import-linter's layer contracts (pyproject.toml, also a test)."""
+    session.install("ruff", "import-linter>=2.17")
+    session.run("ruff", "check", "replicate", "evals", "tests", "tools", "noxfile.py")
+    session.run("lint-imports", env={"PYTHONPATH": str(ROOT)})
 
 
 @nox.session(**VENV)
 def bench(session: nox.Session) -> None:
     """Throughput, FLOP/s vs the measured peak, data pipeline, kNN timing; writes results/bench/README.md."""
     install(session)
-    session.run("python", "-m", "replicate.bench", "--out", "results/bench/README.md", *session.posargs)
+    session.run("python", "-m", "tools.bench", "--out", "results/bench/README.md", *session.posargs)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from replicate import distributed as D
-from replicate.data import TensorSplit, channel_stats
-from replicate.hostmem import retain_freed_memory
+from replicate.core import distributed as D
+from replicate.core.data import TensorSplit, channel_stats
+from replicate.runtime.hostmem import retain_freed_memory
 
 
 @torch.no_grad()

@@ -29,12 +29,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from replicate import distributed as D
-from replicate.checkpoint import config_fingerprint
-from replicate.config import RunConfig
-from replicate.data import TensorSplit, channel_stats
-from replicate.model import build_vit
-from replicate.seeding import augment_seed, epoch_seed, seed_everything
+from replicate.core import distributed as D
+from replicate.core.config import RunConfig
+from replicate.core.data import TensorSplit, channel_stats
+from replicate.core.model import build_vit
+from replicate.core.seeding import augment_seed, epoch_seed, seed_everything
+from replicate.runtime.checkpoint import config_fingerprint
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
 
@@ -122,7 +122,7 @@ class TensorEpochs:
     """Seeded, shuffled, drop-last batches of an in-memory split with batched crop + flip (+ random erasing)."""
 
     def __init__(self, split: TensorSplit, recipe: FinetuneRecipe, cfg: RunConfig, device: torch.device):
-        from replicate.augment import TwoViewBatchAugment
+        from replicate.core.augment import TwoViewBatchAugment
 
         mean, std = channel_stats(cfg.dataset, cfg.image_size)  # the pretraining data's statistics, as DeiT keeps ImageNet's
         self.augment = TwoViewBatchAugment(cfg.image_size, recipe.crop_scale[0], cfg.blur_sigma, mean, std)

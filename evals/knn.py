@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from replicate.core.knn import weighted_vote
+
 
 def _faiss_index(dim: int):
     import faiss
@@ -17,15 +19,6 @@ def _faiss_index(dim: int):
     if torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources"):
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     return index
-
-
-def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:
-    """The kNN vote: row i's prediction is the class with the largest sum of exp(sims[i, j] / t) over its neighbours
-    j, each voting for its label ``neighbour_labels[i, j]``. ``sims``: (n, k) cosine similarities of the k nearest;
-    ``neighbour_labels``: (n, k) int64. Shared by ``knn_classify`` (faiss search) and the training monitor (exact)."""
-    votes = torch.zeros(len(sims), num_classes, device=sims.device, dtype=torch.float32)
-    votes.scatter_add_(1, neighbour_labels, (sims.float() / t).exp())
-    return votes.argmax(1)
 
 
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

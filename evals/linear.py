@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate import distributed as D
+from replicate.core import distributed as D
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
 

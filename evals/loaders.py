@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from replicate import distributed as D
-from replicate.config import RunConfig
-from replicate.data import DataError, imagenet_folder
-from replicate.seeding import epoch_seed
+from replicate.core import distributed as D
+from replicate.core.config import RunConfig
+from replicate.core.data import DataError, imagenet_folder
+from replicate.core.seeding import epoch_seed
 
 if TYPE_CHECKING:
     from evals.finetune import FinetuneRecipe
@@ -124,7 +124,7 @@ def imagenet_linear_loaders(cfg: RunConfig, data_root: str | None) -> tuple[Epoc
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from replicate.augment import eval_pil_transform
+    from replicate.core.augment import eval_pil_transform
 
     train_tf = T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -138,7 +138,7 @@ def imagenet_knn_loaders(cfg: RunConfig, data_root: str | None) -> tuple[EpochLo
     """DINO's ``eval_knn.py`` data: train and val both with Resize(256) + CenterCrop(224), in dataset order."""
     from torchvision.datasets import ImageFolder
 
-    from replicate.augment import eval_pil_transform
+    from replicate.core.augment import eval_pil_transform
 
     tf = eval_pil_transform(cfg.image_size)
     train = ImageFolder(str(imagenet_folder(data_root, "train")), transform=tf)

@@ -2,7 +2,7 @@
 
 Each file is tagged with a fingerprint of what it was computed for (protocol, data, starting weights), so a state
 is never resumed into a different run: a foreign or corrupt file is moved aside with a warning, as the pretraining
-checkpoints are (``replicate.checkpoint.load_verified``). The file also holds every process's RNG states (torch,
+checkpoints are (``replicate.runtime.checkpoint.load_verified``). The file also holds every process's RNG states (torch,
 CUDA, numpy, python), so the epochs after a resume draw what they would have drawn without the crash. Rank 0
 writes, atomically; every process reads the same file.
 """
@@ -15,8 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from replicate import distributed as D
-from replicate.checkpoint import CheckpointError, atomic_torch_save, load_verified, rng_states, safe_load, set_rng_states
+from replicate.core import distributed as D
+from replicate.runtime.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    load_verified,
+    rng_states,
+    safe_load,
+    set_rng_states,
+)
 
 REQUIRED_KEYS = {"fingerprint", "state", "rng"}
 

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from replicate.bench.__main__ import main as bench_main
-from replicate.bench.cpu import BenchPlan, bf16_vs_fp32, knn_comparison, measured_table_minutes, targets
-from replicate.bench.measure import count_step_flops, flop_counter
-from replicate.bench.plain import PlainStep
-from replicate.bench.suite import SuiteStep, reduced_config
-from replicate.config import Setting
-from replicate.moco import SelfSupervisedViT
-from replicate.profiles import SMOKE
+from replicate.core.config import Setting
+from replicate.core.moco import SelfSupervisedViT
+from replicate.study.profiles import SMOKE
+from tools.bench.__main__ import main as bench_main
+from tools.bench.cpu import BenchPlan, bf16_vs_fp32, knn_comparison, measured_table_minutes, targets
+from tools.bench.measure import count_step_flops, flop_counter
+from tools.bench.plain import PlainStep
+from tools.bench.suite import SuiteStep, reduced_config
 
 
 def hand_count_step_flops(image=28, patch=7, dim=96, depth=4, hidden=512, out=128, batch=8, chans=1):
@@ -57,8 +57,8 @@ def test_meta_count_equals_count_on_a_real_cpu_step():
 def test_suite_step_times_the_trainers_own_step(monkeypatch):
     """The bench's suite side runs ``trainer.train_step`` (no copy of it): each SuiteStep call is one such step,
     with the model's parameters updated."""
-    import replicate.bench.suite as suite
-    from replicate import trainer
+    import tools.bench.suite as suite
+    from replicate.runtime import trainer
 
     calls = []
 
@@ -74,16 +74,13 @@ def test_suite_step_times_the_trainers_own_step(monkeypatch):
     assert not torch.equal(before, step.model.backbone.blocks[0].attn.qkv.weight)
 
 
-@pytest.mark.parametrize("framework", [
-    "mocov3",
-    pytest.param("swav", marks=pytest.mark.xfail(strict=True, reason="train_step lacks drop_prototype_gradients "
-                                                 "(#30: one training step); remove this mark when the loop calls it")),
-])
+@pytest.mark.parametrize("framework", ["mocov3", "swav"])
 def test_the_loops_step_is_train_step(framework, monkeypatch):
     """Two iterations of ``pretrain`` and two calls of ``train_step`` on the same batches, lrs and momenta from the
     same initial weights give bit-identical weights: what the bench and calibration time is what the loop runs."""
-    from replicate import trainer
-    from replicate.optim import build_optimizer
+    from replicate.core.optim import build_optimizer
+    from replicate.core.swav import frozen_prototype_steps
+    from replicate.runtime import trainer
 
     initial, inputs = [], []
     real_model, real_grads = trainer.SelfSupervisedViT, trainer.compute_gradients
@@ -107,8 +104,10 @@ def test_the_loops_step_is_train_step(framework, monkeypatch):
     model.load_state_dict(initial[0])
     optimizer = build_optimizer(cfg, model)
     model.train()
-    for x1, x2, m, lr in inputs:
-        trainer.train_step(model, optimizer, x1, x2, m, lr, False, torch.device("cpu"), cfg.setting.patch_proj_clip)
+    frozen = frozen_prototype_steps(cfg, trainer.make_batches(cfg, None, torch.device("cpu")).iters_per_epoch)
+    for i, (x1, x2, m, lr) in enumerate(inputs):
+        trainer.train_step(model, optimizer, x1, x2, m, lr, False, torch.device("cpu"), cfg.setting.patch_proj_clip,
+                           drop_prototypes=i < frozen)
     stepped = dict(model.named_parameters())
     moved = 0
     for name, p in looped.named_parameters():
@@ -165,7 +164,7 @@ def test_quick_bench_writes_report(tmp_path):
 @pytest.mark.smoke  # oneDNN builds its bf16 kernels on the first step: seconds
 def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32(monkeypatch):
     """The bench's bf16 row must time a bf16 model (autocast on), and the default CPU step must not."""
-    import replicate.bench.cpu as cpu
+    import tools.bench.cpu as cpu
 
     real_peak = cpu.matmul_peak  # a 2048² bf16 matmul takes minutes on CPUs without bf16 units: probe a small one
     monkeypatch.setattr(cpu, "matmul_peak", lambda device, dtype=None: real_peak(device, reps=1, dtype=dtype, n=256))
@@ -185,8 +184,8 @@ def test_bf16_variant_runs_the_backbone_in_bf16_and_default_stays_fp32(monkeypat
 
 
 def test_measured_table_minutes_sums_seed0_rows_and_names_their_cpus(tmp_path):
-    from replicate.results import ResultStore
-    from replicate.spec import all_specs
+    from replicate.study.results import ResultStore
+    from replicate.study.spec import all_specs
 
     spec = next(s for s in all_specs() if s.name == "table8")
     fp32_root, bf16_root = tmp_path / "fp32", tmp_path / "bf16"
@@ -225,7 +224,7 @@ def test_table_target_counts_only_times_measured_on_this_cpu():
 @pytest.mark.smoke
 def test_gpu_bench_runs_end_to_end_on_the_cpu_with_the_reduced_model():
     """The GPU bench's code path (here on the CPU, reduced model): every section, MFU consistent with its inputs."""
-    from replicate.bench.gpu import GpuPlan, datasheet_peak, render_gpu, run_gpu_bench
+    from tools.bench.gpu import GpuPlan, datasheet_peak, render_gpu, run_gpu_bench
 
     res = run_gpu_bench(GpuPlan.quick(), torch.device("cpu"), log=lambda m: None)
     row = res["steps"][0]  # reduced model, batch 8: MFU = hand-counted FLOPs x images/s over the measured peak
@@ -244,7 +243,7 @@ def test_gpu_bench_runs_end_to_end_on_the_cpu_with_the_reduced_model():
 
 
 def test_folder_suite_step_feeds_rgb_crops_through_the_batched_photometric_ops():
-    from replicate.bench.gpu import FolderSuiteStep
+    from tools.bench.gpu import FolderSuiteStep
 
     cfg = reduced_config(4).model_copy(update={"depth": 1, "in_chans": 3, "dataset": "imagenet",
                                                      "image_size": 28})

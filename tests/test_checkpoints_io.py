@@ -8,15 +8,15 @@ import pytest
 import timm
 import torch
 
-import replicate.runner
+import replicate.study.runner
 from replicate.__main__ import main
-from replicate.config import Setting
-from replicate.evaluate import build_loaded_backbone, read_checkpoint
-from replicate.export import BACKBONE_FORMAT, keep_backbone, timm_create_kwargs
-from replicate.model import build_vit
-from replicate.profiles import SMOKE
-from replicate.results import ResultStore
-from replicate.spec import load_spec
+from replicate.core.config import Setting
+from replicate.core.model import build_vit
+from replicate.study.evaluate import build_loaded_backbone, read_checkpoint
+from replicate.study.export import BACKBONE_FORMAT, keep_backbone, timm_create_kwargs
+from replicate.study.profiles import SMOKE
+from replicate.study.results import ResultStore
+from replicate.study.spec import load_spec
 
 ROW = "  - {name: ref, label: reference}\n"
 
@@ -36,7 +36,7 @@ def finished_row(tmp_path_factory):
     results = root / "results"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REPLICATE_COMPILE", "0")  # on a GPU the row would evaluate a compiled forward, `evaluate` an eager one
-        store = replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+        store = replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     record = json.loads(store.path(spec.key, "ref", 0).read_text())
     return spec, spec_path, results, store, record
 
@@ -197,7 +197,7 @@ def test_export_without_a_result_says_to_run_the_table(tmp_path, capsys):
 def test_a_reused_row_shares_its_twins_backbone(finished_row, tmp_path):
     spec, _, results, store, record = finished_row
     twin = write_spec(tmp_path / "ckpt_io_twin.yaml", 95)
-    replicate.runner.run_table(twin, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(twin, SMOKE, results_root=results, progress=False)
     copy = json.loads(store.path(twin.key, "ref", 0).read_text())
     assert copy["reused_from"] == f"{spec.key}/ref/seed0" and copy["backbone"] == "seed0.backbone.pt"
     assert store.backbone_path(twin.key, "ref", 0).read_bytes() == store.backbone_path(spec.key, "ref", 0).read_bytes()

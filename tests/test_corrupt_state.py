@@ -13,21 +13,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import replicate.atomic
-import replicate.runner
-from replicate import distributed as D
+import replicate.runtime.atomic
+import replicate.study.runner
 from replicate.__main__ import main
-from replicate.atomic import WriteError, atomic_open, atomic_write_text, create_exclusive
-from replicate.checkpoint import atomic_torch_save, config_fingerprint
-from replicate.config import Setting
-from replicate.model import build_vit
-from replicate.precision import training_precision
-from replicate.profiles import SMOKE
-from replicate.render import main as render_main
-from replicate.render import render_table
-from replicate.results import ResultsError, ResultStore, UnreadableFile
-from replicate.spec import load_spec
-from replicate.trainer import pretrain
+from replicate.core import distributed as D
+from replicate.core.config import Setting
+from replicate.core.model import build_vit
+from replicate.report.render import main as render_main
+from replicate.report.render import render_table
+from replicate.runtime.atomic import WriteError, atomic_open, atomic_write_text, create_exclusive
+from replicate.runtime.checkpoint import atomic_torch_save, config_fingerprint
+from replicate.runtime.precision import training_precision
+from replicate.runtime.trainer import pretrain
+from replicate.study.profiles import SMOKE
+from replicate.study.results import ResultsError, ResultStore, UnreadableFile
+from replicate.study.spec import load_spec
 
 ROWS = "  - {name: a, label: row a}\n  - {name: b, label: row b, set: {temperature: 0.3}}\n"
 CORRUPT = {  # what an operator finds: a JSON of the wrong shape, a truncated file, binary junk, an empty file
@@ -49,7 +49,7 @@ def fake_baselines(*args) -> dict:
     cfg = SMOKE.resolve(Setting(epochs=100, warmup_epochs=10))
     return {"dataset": "digits", "train_images": 1, "test_images": 1, "raw_pixels": {"knn": 1.0},
             "random_backbone": {"knn": 2.0}, "random_backbone_arch": "x",
-            "depends_on": replicate.runner.baseline_key(cfg)}
+            "depends_on": replicate.study.runner.baseline_key(cfg)}
 
 
 @pytest.fixture
@@ -64,8 +64,8 @@ def fake_training(monkeypatch):
                 "metrics": {"knn": 50.0, "linear": 60.0}, "wall_time_s": 0.0, "config": cfg.model_dump(mode="json"),
                 "provenance": {"precision": training_precision("cpu")}}
 
-    monkeypatch.setattr(replicate.runner, "run_row", run_row)
-    monkeypatch.setattr(replicate.runner, "compute_baselines", fake_baselines)
+    monkeypatch.setattr(replicate.study.runner, "run_row", run_row)
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", fake_baselines)
     return trained
 
 
@@ -75,7 +75,7 @@ def fake_training(monkeypatch):
 def test_an_unreadable_result_is_one_line_and_rerun_saying_so(tmp_path, fake_training, capsys, kind):
     spec = write_spec(tmp_path / "corrupt.yaml")
     results = tmp_path / "results"
-    store = replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     bad = store.path(spec.key, "a", 0)
     bad.write_bytes(CORRUPT[kind])
     with pytest.raises(UnreadableFile) as e:
@@ -91,12 +91,12 @@ def test_an_unreadable_result_is_one_line_and_rerun_saying_so(tmp_path, fake_tra
 
     # another study's run never trips over it (it looks for a twin among every study's results)
     other = write_spec(tmp_path / "other.yaml", "  - {name: a, label: a, set: {momentum: 0.9}}\n", table_id=97)
-    replicate.runner.run_table(other, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(other, SMOKE, results_root=results, progress=False)
     assert fake_training == ["a", "b", "a"]
 
     # this study's next run re-runs the row over it, and says so in one line
     capsys.readouterr()
-    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     log = capsys.readouterr().err
     assert fake_training == ["a", "b", "a", "a"]
     assert f"stored result {bad} is unreadable" in log and "re-running the row over it" in log
@@ -121,7 +121,7 @@ def test_the_renderer_renders_every_other_study(tmp_path, fake_training, capsys)
 def test_an_unreadable_baselines_file_is_recomputed_saying_so_and_rendered_as_such(tmp_path, fake_training, capsys):
     spec = write_spec(tmp_path / "corrupt.yaml")
     results = tmp_path / "results"
-    store = replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     baselines = results / "smoke" / "baselines.json"
     baselines.write_text('{"dataset": "digits", "raw_pix')  # truncated
     capsys.readouterr()
@@ -129,7 +129,7 @@ def test_an_unreadable_baselines_file_is_recomputed_saying_so_and_rendered_as_su
     err = capsys.readouterr().err
     assert "Baselines: baselines.json is unreadable (not valid JSON" in text and "row b" in text
     assert err.count("\n") == 1 and str(baselines) in err
-    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)  # rows done: only baselines
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)  # rows done: only baselines
     log = capsys.readouterr().err
     assert f"baselines {baselines} unreadable (not valid JSON" in log and "computing them again" in log
     assert store.load_baselines()["raw_pixels"] == {"knn": 1.0} and fake_training == ["a", "b"]
@@ -150,7 +150,7 @@ def test_a_damaged_spec_marker_is_one_line_for_its_study_only(tmp_path, fake_tra
     assert err.count("\n") == 1 and str(marker) in err and what in err and f"echo {spec.source} > {marker}" in err
     assert fake_training == [] and marker.read_bytes() == content
     other = write_spec(tmp_path / "other.yaml", table_id=97)  # another study runs
-    replicate.runner.run_table(other, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(other, SMOKE, results_root=results, progress=False)
     assert fake_training == ["a", "b"]
 
 
@@ -192,7 +192,7 @@ def test_create_exclusive_writes_once():
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04" + bytes(60)])
 def test_a_garbage_backbone_is_one_line_for_export_and_skipped_by_reuse(tmp_path, capsys, content):
-    from evals.e2e import reused_pretraining
+    from replicate.study.finetune_row import reused_pretraining
 
     results = tmp_path / "results"
     cfg = SMOKE.resolve(Setting(epochs=300, warmup_epochs=40, batch_size=4096))
@@ -253,7 +253,7 @@ def test_crash_leftovers_are_removed_on_the_rows_next_run(tmp_path, fake_trainin
     others = [ckpt_dir / ".seed1.pt.k3j2.tmp", ckpt_dir / ".seed01.pt.z.tmp", row_dir / "notes.tmp"]
     for p in mine + others:
         p.write_bytes(b"half a file")
-    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     log = capsys.readouterr().err
     assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
     assert log.count("removed 4 temp file(s) an interrupted write left") == 1
@@ -333,7 +333,7 @@ def test_evaluate_checks_writability_before_the_probe(tmp_path, monkeypatch, cap
     def probe(*args, **kwargs):
         raise AssertionError("the probe ran before the output was checked")
 
-    monkeypatch.setattr(replicate.runner, "evaluate_backbone", probe)
+    monkeypatch.setattr(replicate.study.runner, "evaluate_backbone", probe)
     assert main(["evaluate", str(path), "--profile", "smoke", "--results", str(not_a_dir / "sub"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not writable" in err
@@ -346,7 +346,7 @@ def full_disk(monkeypatch):
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open("/dev/full", os.O_WRONLY), str(path.parent / f".{path.name}.full.tmp")
 
-    monkeypatch.setattr(replicate.atomic, "_temp", temp)
+    monkeypatch.setattr(replicate.runtime.atomic, "_temp", temp)
 
 
 @pytest.mark.parametrize("write", ["text", "torch"])
@@ -378,7 +378,7 @@ def test_atomic_open_keeps_other_errors(tmp_path):
 
 def test_every_committed_result_and_baselines_file_is_readable():
     """The checks that flag a damaged file never flag a committed one (older layouts included)."""
-    from replicate.results import baselines_problem, read_json, record_problem
+    from replicate.study.results import baselines_problem, read_json, record_problem
 
     repo = Path(__file__).resolve().parent.parent
     files = 0

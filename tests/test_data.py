@@ -4,8 +4,8 @@ import gzip
 import pytest
 import torch
 
-from replicate.augment import TwoViewBatchAugment
-from replicate.data import DEBIAN_FASHION_MNIST, DataError, load_digits_split, load_fashion_mnist
+from replicate.core.augment import TwoViewBatchAugment
+from replicate.core.data import DEBIAN_FASHION_MNIST, DataError, load_digits_split, load_fashion_mnist
 
 needs_fmnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
 
@@ -36,7 +36,7 @@ def test_malformed_idx_file_is_a_clear_error(tmp_path):
 
 
 def test_missing_dataset_offline_names_the_remedies(tmp_path, monkeypatch):
-    import replicate.data as data
+    import replicate.core.data as data
 
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
 
@@ -87,7 +87,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_colour_ops_equal_torchvision_per_image(device):
     import torchvision.transforms.functional as TF
 
-    from replicate import augment as A
+    from replicate.core import augment as A
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 17, 19, generator=g)
@@ -139,9 +139,9 @@ def tiny_image_folder(root, classes=2, per_class=8, size=40):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_folder_batches_crop_in_workers_and_augment_on_device(tmp_path, device):
-    from replicate.config import Setting
-    from replicate.profiles import SMOKE
-    from replicate.trainer import FolderBatches, pretrain
+    from replicate.core.config import Setting
+    from replicate.runtime.trainer import FolderBatches, pretrain
+    from replicate.study.profiles import SMOKE
 
     cfg = SMOKE.resolve(Setting()).model_copy(update={"dataset": "imagenet", "image_size": 32, "in_chans": 3,
                                                       "batch_size": 8, "num_workers": 1, "epochs": 2})
@@ -160,7 +160,7 @@ def test_folder_batches_crop_in_workers_and_augment_on_device(tmp_path, device):
 
 
 def test_compile_is_on_for_gpus_only_unless_asked(monkeypatch):
-    from replicate.trainer import COMPILE_ENV, compile_wanted
+    from replicate.runtime.trainer import COMPILE_ENV, compile_wanted
 
     monkeypatch.delenv(COMPILE_ENV, raising=False)
     assert not compile_wanted(torch.device("cpu")) and compile_wanted(torch.device("cuda"))
@@ -175,7 +175,7 @@ def test_pil_crops_survive_pickling_for_spawned_workers():
 
     from PIL import Image
 
-    from replicate.augment import two_view_pil_crops
+    from replicate.core.augment import two_view_pil_crops
 
     crops = pickle.loads(pickle.dumps(two_view_pil_crops(24, 0.5)))
     a, b = crops(Image.new("RGB", (40, 30), (10, 20, 30)))
@@ -185,7 +185,7 @@ def test_pil_crops_survive_pickling_for_spawned_workers():
 def test_translation_places_each_image_whole_at_its_fixed_offset():
     """Image i sits unchanged at row i of the generator seeded by the key (written out here), on zeros; a prefix
     of a split gets the same offsets as the whole split (an offset is a function of (key, i) alone)."""
-    from replicate.data import TensorSplit, translate
+    from replicate.core.data import TensorSplit, translate
 
     imgs = torch.rand(5, 1, 28, 28) + 0.1  # no zero pixel, so the paste is visible exactly
     out = translate(TensorSplit(imgs, torch.arange(5)), 40, (2021, 0)).images
@@ -201,7 +201,7 @@ def test_translation_places_each_image_whole_at_its_fixed_offset():
 
 @needs_fmnist
 def test_translated_fashion_mnist_statistics_match_the_normalisation():
-    from replicate.data import TRANSLATED, channel_stats, load_tensor_dataset
+    from replicate.core.data import TRANSLATED, channel_stats, load_tensor_dataset
 
     train = load_tensor_dataset(TRANSLATED, "train", None, 40)
     assert train.images.shape == (60000, 1, 40, 40)
@@ -213,11 +213,11 @@ def test_translated_fashion_mnist_statistics_match_the_normalisation():
 
 
 def test_nox_and_the_loader_search_the_same_places(tmp_path, monkeypatch):
-    """One list (replicate/datapaths.py): the loader reads from it, and nox checks it before building anything;
+    """One list (replicate/core/datapaths.py): the loader reads from it, and nox checks it before building anything;
     the profiles it names are the Fashion-MNIST ones."""
-    import replicate.data as data
-    from replicate import datapaths
-    from replicate.profiles import PROFILES
+    import replicate.core.data as data
+    from replicate.core import datapaths
+    from replicate.study.profiles import PROFILES
 
     assert set(datapaths.FASHION_MNIST_PROFILES) == {n for n, p in PROFILES.items() if "fashion" in p.dataset}
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
@@ -254,7 +254,7 @@ def test_nox_stops_a_table_session_without_data_before_building_anything(tmp_pat
 def _paths_without_debian(tmp_path):
     import types
 
-    from replicate import datapaths
+    from replicate.core import datapaths
 
     module = types.SimpleNamespace(**vars(datapaths))
     module.missing_fashion_mnist = lambda root: datapaths.missing_fashion_mnist(root, tmp_path / "nowhere")

@@ -12,7 +12,6 @@ import torch
 from timm.scheduler import create_scheduler
 from torch import nn
 
-from evals.e2e import e2e_recipe
 from evals.finetune import (
     PAPER_IMAGENET_FINETUNE,
     PAPER_TRANSFER_RECIPES,
@@ -21,11 +20,12 @@ from evals.finetune import (
     deit_lr_schedule,
     train_classifier,
 )
-from replicate.config import Setting
-from replicate.data import TensorSplit
-from replicate.model import build_vit, sincos_2d_position_embedding
-from replicate.profiles import PAPER, REDUCED, SMOKE
-from replicate.spec import find_spec, load_spec
+from replicate.core.config import Setting
+from replicate.core.data import TensorSplit
+from replicate.core.model import build_vit, sincos_2d_position_embedding
+from replicate.study.finetune_row import e2e_recipe
+from replicate.study.profiles import PAPER, REDUCED, SMOKE
+from replicate.study.spec import find_spec, load_spec
 
 E2E = load_spec(find_spec("table15"))
 

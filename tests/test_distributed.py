@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from replicate.config import RunConfig, Setting
-from replicate.moco import SelfSupervisedViT
-from replicate.profiles import SMOKE
-from replicate.trainer import TensorBatches, pretrain, seed_everything
+from replicate.core.config import RunConfig, Setting
+from replicate.core.moco import SelfSupervisedViT
+from replicate.runtime.trainer import TensorBatches, pretrain, seed_everything
+from replicate.study.profiles import SMOKE
 
 STEPS = 8  # the whole small run: two monitor flushes (kNN monitor, all-reduced loss) and an epoch boundary
 # One mocov3 row with ViT-BN (BN in the blocks and heads, momentum encoder included), SimCLR (negatives
@@ -39,7 +39,7 @@ NOISE_DRIVEN = ("backbone.blocks.0.attn.qkv.bias", "backbone.norm.bias", "projec
 
 @pytest.fixture(scope="module", autouse=True)
 def fp32_matmuls():
-    """The tolerances above are fp32's: pin the CPU matmul precision (replicate/precision.py) for the spawned
+    """The tolerances above are fp32's: pin the CPU matmul precision (replicate/runtime/precision.py) for the spawned
     processes and the one-process reference alike. With bf16 products, the reordered fp32 sums flip bf16 roundings
     downstream, which is bf16's noise, not a difference in what the processes compute."""
     with pytest.MonkeyPatch.context() as mp_env:
@@ -116,8 +116,8 @@ def test_views_do_not_depend_on_world_size(monkeypatch):
     cfg = small_config(Setting(epochs=300))
     whole = TensorBatches(cfg, None, torch.device("cpu")).batch(5)
     for rank in range(4):
-        monkeypatch.setattr("replicate.distributed.world_size", lambda: 4)
-        monkeypatch.setattr("replicate.distributed.rank", lambda r=rank: r)
+        monkeypatch.setattr("replicate.core.distributed.world_size", lambda: 4)
+        monkeypatch.setattr("replicate.core.distributed.rank", lambda r=rank: r)
         part = TensorBatches(cfg, None, torch.device("cpu")).batch(5)
         rows = slice(rank * 16, (rank + 1) * 16)
         for got, want in zip(part, whole):

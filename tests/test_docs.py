@@ -3,11 +3,12 @@ import re
 
 import pytest
 
-from replicate.config import Setting
-from replicate.docs import README, REPO, RESULTS_END, RESULTS_START, SPEC_DOC, main, type_name, wanted
-from replicate.render import verdict_summary
-from replicate.results import ResultStore
-from replicate.spec import Row, Spec, find_spec, load_spec
+from replicate.core.config import Setting
+from replicate.report.docs import README, REPO, RESULTS_END, RESULTS_START, SPEC_DOC, main, type_name, wanted
+from replicate.report.render import verdict_summary
+from replicate.study.profiles import SMOKE
+from replicate.study.results import ResultStore
+from replicate.study.spec import Row, Spec, find_spec, load_spec
 
 DOCS = sorted((REPO / "docs").glob("*.md"))
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -19,7 +20,7 @@ def test_check_mode_passes_on_the_committed_docs():
 
 
 def test_check_mode_fails_on_a_stale_file_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    import replicate.docs as docs
+    import replicate.report.docs as docs
 
     stale, fresh = tmp_path / "stale.md", tmp_path / "fresh.md"
     stale.write_text("old\n")
@@ -75,7 +76,7 @@ def test_verdict_summary_counts_the_rendered_verdicts(tmp_path):
     for seed, (a, b) in enumerate([(80.0, 78.0), (81.0, 78.5), (80.5, 77.5)]):
         store.save(spec.key, "with_pred", seed, {"status": "ok", "metrics": {"linear": a}})
         store.save(spec.key, "no_pred", seed, {"status": "ok", "metrics": {"linear": b}})
-    lines = verdict_summary("smoke", tmp_path).splitlines()
+    lines = verdict_summary(SMOKE, tmp_path).splitlines()
     assert lines[0].startswith("| study | title | compared rows | reproduces | within noise | opposite |")
     row8 = next(ln for ln in lines if ln.startswith("| table8 |"))
     assert row8 == "| table8 | Prediction head | 1 | 1 | 0 | 0 | 0 | 3 | 0 |"  # w/o pred: -2.5 vs paper -1.0

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 import evals.finetune
-import replicate.trainer
-from evals.e2e import e2e_recipe, pretraining_run
+import replicate.runtime.trainer
+import replicate.study.transfer_row
 from evals.finetune import PAPER_IMAGENET_FINETUNE, PAPER_IMAGENET_FINETUNE_LARGE
-from replicate.export import export_row
-from replicate.profiles import PAPER, REDUCED, SMOKE
-from replicate.results import ResultsError
-from replicate.runner import run_table
-from replicate.show import show_table
-from replicate.spec import SpecError, find_spec, load_spec
+from replicate.study.export import export_row
+from replicate.study.finetune_row import e2e_recipe, pretraining_run
+from replicate.study.profiles import PAPER, PAPER_SMOKE, REDUCED, SMOKE
+from replicate.study.results import ResultsError
+from replicate.study.runner import run_table
+from replicate.study.show import show_table
+from replicate.study.spec import SpecError, find_spec, load_spec
 
 SPEC = load_spec(find_spec("table15"))
 
@@ -63,7 +64,7 @@ def test_keys_a_kind_never_reads_are_one_line_errors(tmp_path, kind, row_set, pr
 
 
 def test_show_at_paper_scale_lists_the_fine_tuning_recipe():
-    out = show_table(SPEC, "paper")  # what `python -m replicate show table15 --profile paper` prints
+    out = show_table(SPEC, PAPER)  # what `python -m replicate show table15 --profile paper` prints
     head = [c.strip() for c in out.splitlines()[1].strip("|").split("|")]
     rows = {cells[0]: dict(zip(head, cells)) for cells in
             ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[3:])}
@@ -80,9 +81,9 @@ def test_smoke_run_pretrains_only_the_pretrained_rows_and_fine_tunes_their_backb
     the kept backbone of an identical default row another study finished first, ViT-L's is pretrained by the row."""
     (tmp_path / "ref.yaml").write_text("id: 93\ntitle: Default row\npaper_ref: test\nreference: ref\n"
                                        "rows:\n  - {name: ref, label: default ViT-B}\n")
-    store = run_table(load_spec(tmp_path / "ref.yaml"), "smoke", results_root=tmp_path, progress=False)
+    store = run_table(load_spec(tmp_path / "ref.yaml"), SMOKE, results_root=tmp_path, progress=False)
     default_vit_b = torch.load(store.backbone_path("ref", "ref", 0), weights_only=True)["backbone"]
-    real_pretrain, real_build = replicate.trainer.pretrain, evals.finetune.build_classifier
+    real_pretrain, real_build = replicate.runtime.trainer.pretrain, evals.finetune.build_classifier
     pretrained, started = [], []
 
     def pretrain(cfg, *args, **kwargs):  # only mocov3_vit_l may get here
@@ -96,9 +97,9 @@ def test_smoke_run_pretrains_only_the_pretrained_rows_and_fine_tunes_their_backb
         started.append((backbone_state is not None, drop_path, {k: v.clone() for k, v in model.state_dict().items()}))
         return model
 
-    monkeypatch.setattr(replicate.trainer, "pretrain", pretrain)
+    monkeypatch.setattr(replicate.study.transfer_row, "pretrain", pretrain)
     monkeypatch.setattr(evals.finetune, "build_classifier", build_classifier)
-    store = run_table(SPEC, "smoke", results_root=tmp_path, progress=False)
+    store = run_table(SPEC, SMOKE, results_root=tmp_path, progress=False)
     records = {r.name: json.loads(store.path(SPEC.key, r.name, 0).read_text()) for r in SPEC.rows}
     assert len(pretrained) == 1  # mocov3_vit_l; mocov3_vit_b reused the default row; scratch rows never pretrain
     assert [(loaded, dp) for loaded, dp, _ in started] == [(True, 0.1), (False, 0.1), (True, 0.5), (False, 0.1)]
@@ -114,7 +115,7 @@ def test_smoke_run_pretrains_only_the_pretrained_rows_and_fine_tunes_their_backb
     assert all(torch.equal(kept[k], v) for k, v in pretrained[0].items())
     assert not store.backbone_path(SPEC.key, "scratch_vit_b", 0).exists()
     with pytest.raises(ResultsError, match="trains from scratch"):
-        export_row(SPEC, "scratch_vit_b", "smoke", 0, "timm", tmp_path / "x.pth", results_root=tmp_path)
+        export_row(SPEC, "scratch_vit_b", SMOKE, 0, "timm", tmp_path / "x.pth", results_root=tmp_path)
     assert not list((store.profile_dir / "ckpt").rglob("*.pt"))
 
 
@@ -138,7 +139,7 @@ def test_deits_rand_augment_survives_posterize_at_full_magnitude():
 def test_paper_path_fine_tunes_with_deits_data_pipeline(tmp_path):
     """At paper-smoke the rows take the paper's path: ImageFolder loaders with RandAugment, Mixup/CutMix, random
     erasing and repeated augmentation, scored on val/."""
-    from replicate.synthetic import main as synthetic_main
+    from tools.synthetic import main as synthetic_main
 
     synthetic_main([str(tmp_path / "data"), "--train-per-class", "16", "--val-per-class", "4"])
     text = find_spec("table15").read_text()
@@ -146,7 +147,7 @@ def test_paper_path_fine_tunes_with_deits_data_pipeline(tmp_path):
     (tmp_path / "two.yaml").write_text("\n".join(line for line in text.splitlines() if line not in rows) + "\n")
     spec = load_spec(tmp_path / "two.yaml")
     assert [r.name for r in spec.rows] == ["mocov3_vit_b", "scratch_vit_b"]
-    store = run_table(spec, "paper-smoke", data_root=str(tmp_path / "data"), results_root=tmp_path / "res",
+    store = run_table(spec, PAPER_SMOKE, data_root=str(tmp_path / "data"), results_root=tmp_path / "res",
                       progress=False)
     for row in spec.rows:
         rec = json.loads(store.path(spec.key, row.name, 0).read_text())
@@ -161,16 +162,16 @@ def test_a_diverged_fine_tuning_is_a_diverged_row_not_a_crash(tmp_path, monkeypa
     diverged at its iteration, and the study goes on."""
     from dataclasses import replace
 
-    import evals.e2e
-    from replicate.render import render_table
+    import replicate.study.finetune_row
+    from replicate.report.render import render_table
 
-    monkeypatch.setattr(evals.e2e, "PAPER_IMAGENET_FINETUNE", replace(PAPER_IMAGENET_FINETUNE, base_lr=1e9,
-                                                                      warmup_epochs=0))
+    monkeypatch.setattr(replicate.study.finetune_row, "PAPER_IMAGENET_FINETUNE",
+                        replace(PAPER_IMAGENET_FINETUNE, base_lr=1e9, warmup_epochs=0))
     (tmp_path / "one.yaml").write_text("id: 92\ntitle: Diverges\npaper_ref: test\nkind: finetune\nmetric: finetune\n"
                                        "reference: deit\nrows:\n  - {name: deit, label: scratch, "
                                        "set: {init: random, finetune_epochs: 150}}\n")
     spec = load_spec(tmp_path / "one.yaml")
-    store = run_table(spec, "smoke", results_root=tmp_path, progress=False)
+    store = run_table(spec, SMOKE, results_root=tmp_path, progress=False)
     rec = json.loads(store.path(spec.key, "deit", 0).read_text())
     assert (rec["status"], rec["diverged_in"], rec["metrics"]) == ("diverged", "finetuning", {})
     assert rec["diverged_at"] == 1  # the first step at lr 1e9 already overflows
@@ -181,24 +182,26 @@ def test_a_diverged_fine_tuning_is_a_diverged_row_not_a_crash(tmp_path, monkeypa
 def test_a_crash_while_fine_tuning_keeps_the_pretraining(tmp_path, monkeypatch):
     """The pretrained backbone is cached beside the row's checkpoint until the row is done: after a crash in
     fine-tuning, the re-run fine-tunes from the same weights without pretraining again, then drops the cache."""
-    import evals.e2e
+    import replicate.study.finetune_row
+    import replicate.study.transfer_row
 
     (tmp_path / "one.yaml").write_text("id: 91\ntitle: One row\npaper_ref: test\nkind: finetune\nmetric: finetune\n"
                                        "reference: moco\nrows:\n  - {name: moco, label: MoCo v3, "
                                        "set: {init: pretrained, finetune_epochs: 150}}\n")
     spec = load_spec(tmp_path / "one.yaml")
-    real_finetune, starts = evals.e2e.finetune, []
+    real_finetune, starts = replicate.study.finetune_row.finetune, []
 
     def crash(state, *args, **kwargs):
         starts.append({k: v.clone() for k, v in state.items()})
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evals.e2e, "finetune", crash)
+    monkeypatch.setattr(replicate.study.finetune_row, "finetune", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_table(spec, "smoke", results_root=tmp_path, progress=False)
-    monkeypatch.setattr(replicate.trainer, "pretrain", lambda *a, **k: pytest.fail("pretraining ran again"))
-    monkeypatch.setattr(evals.e2e, "finetune", lambda state, *a, **k: starts.append(state) or real_finetune(state, *a, **k))
-    store = run_table(spec, "smoke", results_root=tmp_path, progress=False)
+        run_table(spec, SMOKE, results_root=tmp_path, progress=False)
+    monkeypatch.setattr(replicate.study.transfer_row, "pretrain", lambda *a, **k: pytest.fail("pretraining ran again"))
+    monkeypatch.setattr(replicate.study.finetune_row, "finetune",
+                        lambda state, *a, **k: starts.append(state) or real_finetune(state, *a, **k))
+    store = run_table(spec, SMOKE, results_root=tmp_path, progress=False)
     assert json.loads(store.path(spec.key, "moco", 0).read_text())["status"] == "ok"
     assert all(torch.equal(starts[1][k], v) for k, v in starts[0].items())
     assert not list((store.profile_dir / "ckpt").rglob("*.pt"))

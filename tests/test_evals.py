@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from evals.features import extract_features
 from evals.knn import knn_classify, weighted_vote
 from evals.linear import linear_probe_cached, state_digest
-from replicate.config import Setting
-from replicate.data import load_digits_split
-from replicate.model import build_vit
-from replicate.monitor import weighted_knn_predict
-from replicate.profiles import SMOKE
+from replicate.core.config import Setting
+from replicate.core.data import load_digits_split
+from replicate.core.model import build_vit
+from replicate.runtime.monitor import weighted_knn_predict
+from replicate.study.profiles import SMOKE
 
 
 def brute_force_knn(train, train_y, test, k, t, num_classes):

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import replicate.moco
-from replicate.checkpoint import config_fingerprint, load_checkpoint
-from replicate.config import Setting
-from replicate.profiles import SMOKE
-from replicate.runner import run_table
-from replicate.spec import load_spec
-from replicate.trainer import pretrain
+import replicate.core.moco
+from replicate.core.config import Setting
+from replicate.runtime.checkpoint import config_fingerprint, load_checkpoint
+from replicate.runtime.trainer import pretrain
+from replicate.study.profiles import SMOKE
+from replicate.study.runner import run_table
+from replicate.study.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def write_spec(path: Path, rows: str, table_id: int = 91) -> Path:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_loss_stops_the_run_at_its_step(monkeypatch, bad):
-    real = replicate.moco.contrastive_loss
+    real = replicate.core.moco.contrastive_loss
     calls = []
 
     def poisoned(q, k, t):  # two calls per iteration: iteration 3 onwards returns a non-finite loss
@@ -49,7 +49,7 @@ def test_non_finite_loss_stops_the_run_at_its_step(monkeypatch, bad):
         loss = real(q, k, t)
         return loss * bad if len(calls) > 6 else loss
 
-    monkeypatch.setattr(replicate.moco, "contrastive_loss", poisoned)
+    monkeypatch.setattr(replicate.core.moco, "contrastive_loss", poisoned)
     result = pretrain(small_config(), progress=False)
     # found at the first monitor flush after the fault (iteration 4; monitor_every 5), not at the end (8)
     assert (result.status, result.diverged_at, result.iterations) == ("diverged", 3, 4)
@@ -62,7 +62,7 @@ def test_diverged_row_is_recorded_and_the_table_goes_on(tmp_path):
     rows = ("  - {name: a, label: absurd lr, set: {base_lr: 1.0e+6}}\n"
             "  - {name: b, label: normal}\n")
     spec = load_spec(write_spec(tmp_path / "faults.yaml", rows))
-    store = run_table(spec, "smoke", results_root=tmp_path / "results", progress=False)
+    store = run_table(spec, SMOKE, results_root=tmp_path / "results", progress=False)
     a = json.loads(store.path(spec.key, "a", 0).read_text())
     b = json.loads(store.path(spec.key, "b", 0).read_text())
     assert a["status"] == "diverged" and isinstance(a["diverged_at"], int) and 0 <= a["diverged_at"] < 18
@@ -195,7 +195,7 @@ def bad_input_runs(tmp_path_factory):
 
     runs = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("replicate.data.DEBIAN_FASHION_MNIST", Path("/nonexistent"))
+        mp.setattr("replicate.core.data.DEBIAN_FASHION_MNIST", Path("/nonexistent"))
         mp.setattr("torchvision.datasets.FashionMNIST.__init__", offline)
         for name, (args, _) in cases.items():
             out, err = io.StringIO(), io.StringIO()

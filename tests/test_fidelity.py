@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from replicate import trainer
-from replicate.config import RunConfig, Setting
-from replicate.moco import SelfSupervisedViT, contrastive_loss
-from replicate.model import TokenBatchNorm, build_vit, count_parameters, sincos_2d_position_embedding
-from replicate.optim import build_optimizer
-from replicate.profiles import PAPER, REDUCED, SMOKE
-from replicate.schedules import lr_schedule, momentum_schedule
-from replicate.spec import all_specs
+from replicate.core.config import RunConfig, Setting
+from replicate.core.moco import SelfSupervisedViT, contrastive_loss
+from replicate.core.model import TokenBatchNorm, build_vit, count_parameters, sincos_2d_position_embedding
+from replicate.core.optim import build_optimizer
+from replicate.core.schedules import lr_schedule, momentum_schedule
+from replicate.runtime import trainer
+from replicate.study.profiles import PAPER, REDUCED, SMOKE
+from replicate.study.spec import all_specs
 
 SPECS = all_specs()
 
@@ -430,7 +430,7 @@ def test_optimizers_are_the_library_ones():
     ("vit_large", 304, 1024, 24, 16, 16), ("vit_huge", 632, 1280, 32, 16, 14)])
 def test_paper_architectures(arch, millions, dim, depth, heads, patch):
     cfg = PAPER.resolve(Setting(arch=arch))
-    with torch.device("meta"):  # counts without allocating (ViT-H is 632M parameters), as replicate/show.py
+    with torch.device("meta"):  # counts without allocating (ViT-H is 632M parameters), as replicate/study/show.py
         vit = build_vit(cfg)
     assert count_parameters(vit) == pytest.approx(millions * 1e6, rel=0.02)
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size) == (dim, depth, heads, patch)

@@ -3,11 +3,11 @@ is bit-identical to an uninterrupted one, with DataLoader workers."""
 import pytest
 import torch
 
-from replicate.checkpoint import load_checkpoint
-from replicate.config import Setting
-from replicate.profiles import PAPER_SMOKE
-from replicate.synthetic import write_image_folder
-from replicate.trainer import FolderBatches, pretrain
+from replicate.core.config import Setting
+from replicate.runtime.checkpoint import load_checkpoint
+from replicate.runtime.trainer import FolderBatches, pretrain
+from replicate.study.profiles import PAPER_SMOKE
+from tools.synthetic import write_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The allocator setting that spares CPU training its per-step page faults (replicate/hostmem.py)."""
+"""The allocator setting that spares CPU training its per-step page faults (replicate/runtime/hostmem.py)."""
 import json
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 # Six MoCo v3 steps of the reduced model (one block, to keep it fast) at the reduced batch; faults per step.
 CODE = """
 import json, resource, torch
-from replicate.bench.suite import SuiteStep, reduced_config
-from replicate.hostmem import retain_freed_memory
+from tools.bench.suite import SuiteStep, reduced_config
+from replicate.runtime.hostmem import retain_freed_memory
 applied = retain_freed_memory()
 step = SuiteStep(reduced_config(256).model_copy(update={"depth": 1}), torch.device("cpu"))
 faults = []

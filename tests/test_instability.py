@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from replicate.instability import aggregate, find_dips, find_spikes, spike_lead, summarize
-from replicate.render import INSTABILITY_HEADERS, render_table
-from replicate.results import ResultStore
-from replicate.spec import find_spec, load_spec
+from replicate.report.render import INSTABILITY_HEADERS, render_table
+from replicate.runtime.instability import aggregate, find_dips, find_spikes, spike_lead, summarize
+from replicate.study.profiles import SMOKE
+from replicate.study.results import ResultStore
+from replicate.study.spec import find_spec, load_spec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -134,11 +135,11 @@ def test_table_columns_and_figures_from_results(tmp_path):
 
 @pytest.mark.smoke
 def test_smoke_run_records_instability_and_renders_figures(tmp_path):
-    from replicate.runner import run_table
+    from replicate.study.runner import run_table
 
     spec = load_spec(find_spec("table4"))
     spec = spec.model_copy(update={"rows": spec.rows[4:6], "reference": "mocov3_lr1.5e-4_learned"})
-    store = run_table(spec, "smoke", results_root=tmp_path, progress=False)
+    store = run_table(spec, SMOKE, results_root=tmp_path, progress=False)
     rec = store.load(spec.key, "mocov3_lr1.5e-4_random", 0)
     # the record's summary is the one of its own curves (summarize itself is pinned on synthetic curves above)
     assert rec["instability"] == json.loads(json.dumps(summarize(rec["curves"])))
@@ -159,8 +160,9 @@ def test_smoke_run_records_instability_and_renders_figures(tmp_path):
 def test_instability_target_report_counts_false_positives_and_skips_stale_runs(tmp_path):
     """The report behind docs/reduced-scale.md's instability target: a dip in a paper-stable row is a false
     positive, a paper-unstable row counts once >= 2 of its seeds dip, and a run whose config is stale is ignored."""
-    from replicate.calibrate import instability_report
-    from replicate.profiles import REDUCED
+    from replicate.report.calibration import instability_report
+    from replicate.report.render import read_studies
+    from replicate.study.profiles import REDUCED
 
     store = ResultStore(tmp_path, "reduced")
     spec1 = load_spec(find_spec("table1"))
@@ -178,7 +180,7 @@ def test_instability_target_report_counts_false_positives_and_skips_stale_runs(t
     put("bs1024", 2, [(30, 5.0)], stale=True)  # not counted
     for seed in range(3):
         put("bs6144", seed, [(30, 5.0)] if seed else [])
-    text = instability_report("reduced", tmp_path)
+    text = instability_report(read_studies(REDUCED, tmp_path))
     assert "| stable | table1:bs1024 | 2 | 1, 0 | " in text
     assert "False positives (a dip in a paper-stable row): 1 of 2 runs (50%)." in text
     assert "Paper-unstable rows with dips in >= 2 of their seeds: 1 of 1." in text
@@ -192,9 +194,9 @@ def test_attention_probe_against_a_written_out_reference():
 
     import torch
 
-    from replicate.model import build_vit
-    from replicate.monitor import attention_probe
-    from replicate.profiles import SMOKE
+    from replicate.core.model import build_vit
+    from replicate.runtime.monitor import attention_probe
+    from replicate.study.profiles import SMOKE
 
     spec = load_spec(find_spec("table5"))
     cfg = SMOKE.resolve(spec.setting(spec.row("sincos")))

@@ -19,9 +19,9 @@ from evals.features import extract_loader_features
 from evals.linear import linear_probe_paper, train_linear_head
 from evals.loaders import ShardSampler, imagenet_knn_loaders, imagenet_linear_loaders
 from evals.resume import load_state, save_state
-from replicate.config import Setting
-from replicate.model import build_vit
-from replicate.profiles import SMOKE
+from replicate.core.config import Setting
+from replicate.core.model import build_vit
+from replicate.study.profiles import SMOKE
 
 TESTS = Path(__file__).resolve().parent
 # 41 training images at global batch 8: the last batch holds one image, so under 2 processes one of them has no
@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from replicate import distributed as D
+    from replicate.core import distributed as D
 
     D.init_from_env()
     torch.save(run_probe(folder, fixed_crops=True), Path(out) / f"rank{rank}.pt")
@@ -234,8 +234,8 @@ class Stop(Exception):
 def test_finetune_stopped_after_an_epoch_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     import evals.finetune as ft
     from evals.transfer import load_target
-    from replicate.seeding import seed_everything
-    from replicate.spec import find_spec, load_spec
+    from replicate.core.seeding import seed_everything
+    from replicate.study.spec import find_spec, load_spec
 
     spec = load_spec(find_spec("table11"))
     cfg = SMOKE.resolve(spec.setting(spec.row("random")))
@@ -272,7 +272,7 @@ def test_finetune_stopped_after_an_epoch_then_resumed_equals_uninterrupted(tmp_p
 
 def test_probe_precision_knob(monkeypatch):
     from evals.linear import probe_bf16
-    from replicate.distributed import LaunchError
+    from replicate.core.distributed import LaunchError
 
     monkeypatch.delenv("REPLICATE_PROBE_BF16", raising=False)
     assert probe_bf16() is False  # the official probe is fp32

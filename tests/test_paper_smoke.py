@@ -4,16 +4,16 @@ import time
 
 import pytest
 
-from replicate.profiles import PAPER, PAPER_SMOKE
-from replicate.runner import run_table
-from replicate.show import show_table
-from replicate.spec import all_specs, find_spec, load_spec
-from replicate.synthetic import main as synthetic_main
+from replicate.study.profiles import PAPER, PAPER_SMOKE
+from replicate.study.runner import run_table
+from replicate.study.show import show_table
+from replicate.study.spec import all_specs, find_spec, load_spec
+from tools.synthetic import main as synthetic_main
 
 
 def test_every_study_resolves_at_paper_smoke():
     for spec in all_specs():
-        text = show_table(spec, "paper-smoke")
+        text = show_table(spec, PAPER_SMOKE)
         assert all(row.name in text for row in spec.rows), spec.key
     spec = load_spec(find_spec("table5"))
     cfg = PAPER_SMOKE.resolve(spec.setting(spec.row(spec.reference)))
@@ -30,7 +30,7 @@ def test_table5_runs_on_a_generated_image_folder(tmp_path):
     assert sorted(p.name for p in (data / "train").iterdir()) == ["class0", "class1", "class2", "class3"]
     spec = load_spec(find_spec("table5"))
     t0 = time.perf_counter()
-    store = run_table(spec, "paper-smoke", seeds=1, data_root=str(data), results_root=tmp_path / "results",
+    store = run_table(spec, PAPER_SMOKE, seeds=1, data_root=str(data), results_root=tmp_path / "results",
                       progress=False)
     print(f"paper-smoke table5: {time.perf_counter() - t0:.1f} s")
     for row in spec.rows:
@@ -48,7 +48,7 @@ def test_table5_runs_on_a_generated_image_folder(tmp_path):
 def test_a_crash_in_the_probe_resumes_the_probe_not_the_pretraining(tmp_path, monkeypatch):
     """An ImageFolder row keeps its finished pretraining until it is evaluated: after a crash in the linear probe,
     the re-run restores that backbone instead of pretraining again, and scores what an uninterrupted run scores."""
-    import replicate.runner as runner
+    import replicate.study.runner as runner
     from evals import linear
 
     data = tmp_path / "data"
@@ -58,7 +58,7 @@ def test_a_crash_in_the_probe_resumes_the_probe_not_the_pretraining(tmp_path, mo
     spec = load_spec(tmp_path / "one.yaml")
 
     def run(results):
-        store = run_table(spec, "paper-smoke", data_root=str(data), results_root=tmp_path / results, progress=False)
+        store = run_table(spec, PAPER_SMOKE, data_root=str(data), results_root=tmp_path / results, progress=False)
         return json.loads(store.path(spec.key, "ref", 0).read_text())
 
     uninterrupted = run("a")

@@ -1,12 +1,12 @@
-"""CPU matmul precision (replicate/precision.py): bf16 products only inside the block, everything restored after."""
+"""CPU matmul precision (replicate/runtime/precision.py): bf16 products only inside the block, everything restored after."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from replicate import precision
-from replicate.bench.suite import SuiteStep, reduced_config
-from replicate.moco import SelfSupervisedViT
+from replicate.core.moco import SelfSupervisedViT
+from replicate.runtime import precision
+from tools.bench.suite import SuiteStep, reduced_config
 
 
 def test_env_picks_the_precision_and_rejects_typos(monkeypatch):
@@ -27,7 +27,7 @@ def test_env_picks_the_precision_and_rejects_typos(monkeypatch):
 
 
 def test_bf16_runs_default_to_their_own_results_folder(monkeypatch):
-    from replicate.results import DEFAULT_ROOT, run_results_root
+    from replicate.study.results import DEFAULT_ROOT, run_results_root
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.delenv(precision.ENV, raising=False)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from replicate.augment import TwoViewBatchAugment
-from replicate.config import Setting
-from replicate.moco import SelfSupervisedViT, byol_loss, nt_xent_loss
-from replicate.optim import build_optimizer
-from replicate.profiles import SMOKE
+from replicate.core.augment import TwoViewBatchAugment
+from replicate.core.config import Setting
+from replicate.core.moco import SelfSupervisedViT, byol_loss, nt_xent_loss
+from replicate.core.optim import build_optimizer
+from replicate.study.profiles import SMOKE
 
 
 def test_nt_xent_by_hand():
@@ -120,7 +120,7 @@ def test_cpu_sync_batchnorm_in_one_process_is_batchnorm(shape, tmp_path):
     and running statistics (unbiased variance) equal torch's BatchNorm."""
     import torch.distributed as dist
 
-    from replicate.distributed import CPUSyncBatchNorm
+    from replicate.core.distributed import CPUSyncBatchNorm
 
     torch.manual_seed(0)
     x = torch.randn(*shape) * 3 + 1

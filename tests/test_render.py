@@ -1,7 +1,8 @@
 """Renderer: deltas, the verdict rule, n/a for unknown paper numbers, "—" for rows not run."""
-from replicate.render import RowStats, render_table, verdict
-from replicate.results import ResultStore
-from replicate.spec import find_spec, load_spec
+from replicate.report.render import RowStats, render_table
+from replicate.report.verdicts import Kind, Verdict, verdict
+from replicate.study.results import ResultStore
+from replicate.study.spec import find_spec, load_spec
 
 
 def rows(*vals):
@@ -10,7 +11,7 @@ def rows(*vals):
 
 def smoke_table8_store(tmp_path):
     """Table 8's spec, an empty smoke store, and save(row, seed, linear, **config fields changed from the current)."""
-    from replicate.profiles import SMOKE
+    from replicate.study.profiles import SMOKE
 
     spec = load_spec(find_spec("table8"))
     store = ResultStore(tmp_path, "smoke")
@@ -24,12 +25,14 @@ def smoke_table8_store(tmp_path):
 
 def test_verdict_rule():
     base = rows(70.0, 70.2, 69.8)
-    assert verdict(-1.6, rows(68.0, 68.1, 67.9), base, "linear").startswith("reproduces")
-    assert verdict(-1.6, rows(72.0, 72.1, 71.9), base, "linear").startswith("opposite")
-    assert verdict(-1.6, rows(70.1, 69.9, 70.0), base, "linear").startswith("within noise")
-    assert verdict(-1.6, rows(68.0), base, "linear") == "? (1 seed)"
-    assert verdict(None, rows(68.0, 68.0), base, "linear").startswith("n/a")
-    assert "(paper Δ small)" in verdict(-0.2, rows(68.0, 68.1, 67.9), base, "linear")
+    assert verdict(-1.6, rows(68.0, 68.1, 67.9), base, "linear").kind == Kind.REPRODUCES
+    assert verdict(-1.6, rows(72.0, 72.1, 71.9), base, "linear").kind == Kind.OPPOSITE
+    assert verdict(-1.6, rows(70.1, 69.9, 70.0), base, "linear").kind == Kind.WITHIN_NOISE
+    assert str(verdict(-1.6, rows(68.0), base, "linear")) == "? (1 seed)"
+    assert str(verdict(None, rows(68.0, 68.0), base, "linear")) == "n/a (no paper Δ)"
+    small = verdict(-0.2, rows(68.0, 68.1, 67.9), base, "linear")
+    assert small.small_paper_delta and str(small).endswith(" (paper Δ small)")
+    assert str(Verdict(Kind.OPPOSITE, 1.25, None, metric="digits")) == "opposite (±1.2) [digits]"
 
 
 def seeded(*vals, seeds=None):
@@ -44,11 +47,12 @@ def test_verdict_pairs_rows_by_seed():
     base = seeded(69.0, 70.0, 71.0)
     row = seeded(68.7, 69.6, 70.8)
     v = verdict(-1.6, row, base, "linear")
-    assert v == "reproduces (±0.1 paired, ±1.7 unpaired)"
+    assert (v.kind, round(v.paired, 3), round(v.unpaired, 2)) == (Kind.REPRODUCES, 0.115, 1.68)
+    assert str(v) == "reproduces (±0.1 paired, ±1.7 unpaired)"
     # the same values in other seeds than the baseline's: nothing to pair, the unpaired band decides
-    assert verdict(-1.6, seeded(68.7, 69.6, 70.8, seeds=[5, 6, 7]), base, "linear") == "within noise (±1.7)"
+    assert str(verdict(-1.6, seeded(68.7, 69.6, 70.8, seeds=[5, 6, 7]), base, "linear")) == "within noise (±1.7)"
     # anti-correlated seeds: pairing widens the band rather than hiding it
-    assert verdict(-1.6, seeded(71.7, 69.6, 67.8), base, "linear").startswith("within noise")
+    assert verdict(-1.6, seeded(71.7, 69.6, 67.8), base, "linear").kind == Kind.WITHIN_NOISE
 
 
 def test_unrun_table_shows_paper_numbers_and_dashes(tmp_path):
@@ -85,20 +89,21 @@ def test_rendered_table_says_how_its_runs_multiplied(tmp_path):
 
 
 def test_rerun_report_lists_current_rows_and_what_is_left(tmp_path):
-    from replicate.render import rerun_report
+    from replicate.report.render import rerun_report
+    from replicate.study.profiles import SMOKE
 
     spec, store, save = smoke_table8_store(tmp_path)
 
     for seed, (a, b) in enumerate([(80.0, 78.0), (81.0, 78.5), (80.5, 77.5)]):
         save("with_pred", seed, a)
         save("no_pred", seed, b, epochs=999)  # made with another profile: stale, not shown
-    text = rerun_report("smoke", tmp_path)
+    text = rerun_report(SMOKE, tmp_path)
     assert "| table8 | w/ pred. MLP | 80.5 ± 0.5 (n=3) linear |  |  | reference | — |" in text
     assert "w/o pred" not in text and "table8 (1 of 2: no_pred)" in text
     for seed, b in enumerate([78.0, 78.5, 77.5]):
         save("no_pred", seed, b)
-    line = next(ln for ln in rerun_report("smoke", tmp_path).splitlines() if "w/o pred" in ln)
-    assert "| -2.5 | -1.0 | reproduces" in line and "table8 (" not in rerun_report("smoke", tmp_path)
+    line = next(ln for ln in rerun_report(SMOKE, tmp_path).splitlines() if "w/o pred" in ln)
+    assert "| -2.5 | -1.0 | reproduces" in line and "table8 (" not in rerun_report(SMOKE, tmp_path)
 
 
 def test_a_row_being_rerun_shows_only_its_current_runs(tmp_path):
@@ -118,8 +123,8 @@ def test_a_row_being_rerun_shows_only_its_current_runs(tmp_path):
 def test_render_defaults_to_the_last_runs_folder_and_only_tables_with_results(tmp_path, monkeypatch, capsys):
     """After a run into some folder, `python -m replicate.render` with no option shows that run's tables (and the
     other profiles there with results), never the empty ones; `--results` given once is enough."""
-    from replicate.render import main
-    from replicate.results import remember_run
+    from replicate.report.render import main
+    from replicate.study.results import remember_run
 
     monkeypatch.setenv("REPLICATE_LAST_RUN", str(tmp_path / "last-run.json"))
     spec, store, save = smoke_table8_store(tmp_path / "mine")
@@ -143,7 +148,7 @@ def test_render_defaults_to_the_last_runs_folder_and_only_tables_with_results(tm
 
 def test_list_prints_the_names_run_takes_in_aligned_columns(capsys):
     from replicate.__main__ import main
-    from replicate.spec import all_specs
+    from replicate.study.spec import all_specs
 
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -162,7 +167,7 @@ def test_the_notes_say_the_runs_own_setting(tmp_path):
 
 
 def test_grad_figure_shows_every_row_and_knn_legend_names_the_faint_lines(tmp_path, monkeypatch):
-    import replicate.figures as figures
+    import replicate.report.figures as figures
 
     spec = load_spec(find_spec("table5"))
     curves = {"knn_steps": [10, 20], "knn_acc": [50.0, 60.0],

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from replicate.checkpoint import load_checkpoint
-from replicate.config import Setting
-from replicate.profiles import SMOKE
-from replicate.trainer import CHECKPOINT_EVERY_ENV, checkpoint_interval, pretrain
+from replicate.core.config import Setting
+from replicate.runtime.checkpoint import load_checkpoint
+from replicate.runtime.trainer import CHECKPOINT_EVERY_ENV, checkpoint_interval, pretrain
+from replicate.study.profiles import SMOKE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def test_periodic_checkpoints_and_interval_override(tmp_path, monkeypatch):
     monkeypatch.setenv(CHECKPOINT_EVERY_ENV, "3")
     assert checkpoint_interval(cfg) == 3
     saved = []
-    monkeypatch.setattr("replicate.trainer.save_checkpoint", lambda *a, **k: saved.append(a[5]))
+    monkeypatch.setattr("replicate.runtime.trainer.save_checkpoint", lambda *a, **k: saved.append(a[5]))
     pretrain(cfg, ckpt_path=tmp_path / "row.pt", progress=False)
     assert saved == [3, 6]  # every 3 iterations, none at the end (8): the finished row's result replaces it
     monkeypatch.setenv(CHECKPOINT_EVERY_ENV, "often")
@@ -75,7 +75,7 @@ rows:
 # The CLI, with a spy that also saves the final pretrained weights (results files hold metrics, not weights).
 DRIVER = """\
 import sys, torch
-import replicate.runner as runner
+import replicate.study.runner as runner
 real = runner.pretrain
 def spy(*args, **kwargs):
     result = real(*args, **kwargs)

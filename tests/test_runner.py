@@ -3,11 +3,12 @@ import json
 
 import pytest
 
-import replicate.results
-import replicate.runner
-from replicate.precision import training_precision
-from replicate.results import ResultsError, ResultStore
-from replicate.spec import load_spec
+import replicate.study.results
+import replicate.study.runner
+from replicate.runtime.precision import training_precision
+from replicate.study.profiles import SMOKE
+from replicate.study.results import ResultsError, ResultStore
+from replicate.study.spec import load_spec
 
 
 def write_spec(path, table_id: int, rows: str):
@@ -22,33 +23,33 @@ def test_identical_row_is_reused_and_identical_on_rerun(tmp_path, monkeypatch):
     second = write_spec(tmp_path / "b.yaml", 93, "  - {name: ref, label: reference}\n"
                                                  "  - {name: m0, label: m=0, set: {momentum: 0.0}}\n")
     results = tmp_path / "results"
-    store = replicate.runner.run_table(first, "smoke", results_root=results, progress=False)
+    store = replicate.study.runner.run_table(first, SMOKE, results_root=results, progress=False)
     original = json.loads(store.path(first.key, "ref", 0).read_text())
 
     trained = []
-    real_run_row = replicate.runner.run_row
+    real_run_row = replicate.study.runner.run_row
 
     def counting_run_row(spec, row, *args, **kwargs):
         trained.append(row.name)
         return real_run_row(spec, row, *args, **kwargs)
 
-    monkeypatch.setattr(replicate.runner, "run_row", counting_run_row)
-    replicate.runner.run_table(second, "smoke", results_root=results, progress=False)
+    monkeypatch.setattr(replicate.study.runner, "run_row", counting_run_row)
+    replicate.study.runner.run_table(second, SMOKE, results_root=results, progress=False)
     assert trained == ["m0"]  # the shared row was not trained again; the different one was
     copy = json.loads(store.path(second.key, "ref", 0).read_text())
     assert copy["reused_from"] == f"{first.key}/ref/seed0" and copy["row"] == "ref" and copy["table"] == second.key
     assert copy["metrics"] == original["metrics"] and copy["config"] == original["config"]
 
     # the premise: a run is a deterministic function of its config, so --force reproduces the copied numbers
-    replicate.runner.run_table(second, "smoke", results_root=results, progress=False, force=True)
+    replicate.study.runner.run_table(second, SMOKE, results_root=results, progress=False, force=True)
     rerun = json.loads(store.path(second.key, "ref", 0).read_text())
     assert "reused_from" not in rerun and rerun["metrics"] == original["metrics"]
     assert rerun["curves"]["series"]["loss"] == original["curves"]["series"]["loss"]
 
 
 def test_only_a_finished_pretraining_record_of_the_same_config_is_reused(tmp_path):
-    from replicate.config import Setting
-    from replicate.profiles import SMOKE
+    from replicate.core.config import Setting
+    from replicate.study.profiles import SMOKE
 
     store = ResultStore(tmp_path, "smoke")
     config = SMOKE.resolve(Setting()).model_dump(mode="json")
@@ -75,23 +76,23 @@ def fake_run_row(trained):
 
 def test_a_row_reruns_when_its_resolved_config_changed(tmp_path, monkeypatch, capsys):
     trained = []
-    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
-    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
     path, results = tmp_path / "lr.yaml", tmp_path / "results"
     rows = "  - {name: ref, label: reference}\n  - {name: other, label: other, set: {momentum: 0.9}}\n"
     spec = write_spec(path, 5, rows)
-    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other"]
-    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other"]  # unchanged spec: both cached
     assert capsys.readouterr().err.count("done already") == 2
 
     path.write_text(path.read_text().replace("warmup_epochs: 10}", "warmup_epochs: 10, base_lr: 5.0e-4}"))
     edited = load_spec(path)
-    replicate.runner.run_table(edited, "smoke", results_root=results, progress=False, keep_stale=True)
+    replicate.study.runner.run_table(edited, SMOKE, results_root=results, progress=False, keep_stale=True)
     assert trained == ["ref", "other"]  # kept on request
     assert "stale, kept" in capsys.readouterr().err
-    replicate.runner.run_table(edited, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(edited, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other", "ref", "other"]  # the edit re-ran both rows
     err = capsys.readouterr().err
     assert "config changed" in err and "setting.base_lr: 0.00015 -> 0.0005" in err
@@ -101,40 +102,40 @@ def test_a_row_reruns_when_its_resolved_config_changed(tmp_path, monkeypatch, ca
 
 def test_a_study_never_mixes_bf16_and_fp32_pretraining(tmp_path, monkeypatch):
     trained = []
-    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
-    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
     results = tmp_path / "results"
     spec = write_spec(tmp_path / "mix.yaml", 5, "  - {name: ref, label: reference}\n  - {name: other, label: other, "
                                                 "set: {momentum: 0.9}}\n")
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
-    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     store = ResultStore(results, "smoke")
     store.path(spec.key, "other", 0).unlink()  # one row left to run, now on a machine that defaults to bf16
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")  # the opt-in, into an explicit --results folder of fp32 runs
     with pytest.raises(ResultsError, match="ref/seed0.*in fp32, .*README, 'CPU precision'.* To match, run with "
                                            "unset REPLICATE_CPU_MATMUL"):
-        replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+        replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     assert trained == ["ref", "other"]
     # ... nor reuses a run of another study that multiplied otherwise
     assert store.find_same_run(json.loads(store.path(spec.key, "ref", 0).read_text())["config"],
                                "bf16 matmul, fp32 accumulate") is None
-    replicate.runner.run_table(spec, "smoke", results_root=results, progress=False, force=True)  # all rows in bf16
+    replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False, force=True)  # all rows in bf16
     assert trained == ["ref", "other", "ref", "other"]
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
     with pytest.raises(ResultsError, match="in bf16 matmul, fp32 accumulate, this run would pretrain in fp32.*"
                                            "REPLICATE_CPU_MATMUL=bf16; or pass another --results DIR"):
-        replicate.runner.run_table(spec, "smoke", results_root=results, progress=False)
+        replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
 
 
 def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
     trained = []
-    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
-    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
     results = tmp_path / "results"
     mine = write_spec(tmp_path / "my_momentum.yaml", 9, "  - {name: ref, label: reference}\n")
     theirs = write_spec(tmp_path / "other_study.yaml", 9, "  - {name: ref, label: reference}\n")
-    replicate.runner.run_table(mine, "smoke", results_root=results, progress=False)
-    replicate.runner.run_table(theirs, "smoke", results_root=results, progress=False)
+    replicate.study.runner.run_table(mine, SMOKE, results_root=results, progress=False)
+    replicate.study.runner.run_table(theirs, SMOKE, results_root=results, progress=False)
     assert mine.key != theirs.key
     assert (results / "smoke" / mine.key / "ref" / "seed0.json").exists()
     assert (results / "smoke" / theirs.key / "ref" / "seed0.json").exists()
@@ -142,7 +143,7 @@ def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     clash = write_spec(tmp_path / "elsewhere" / "my_momentum.yaml", 9, "  - {name: ref, label: reference}\n")
     with pytest.raises(ResultsError, match="holds the results of"):
-        replicate.runner.run_table(clash, "smoke", results_root=results, progress=False)
+        replicate.study.runner.run_table(clash, SMOKE, results_root=results, progress=False)
 
 
 def test_missing_data_root_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -166,9 +167,9 @@ def test_unknown_profile_is_one_line(capsys):
 
 
 def test_a_record_older_than_a_config_field_counts_it_at_its_default():
-    from replicate.config import Setting
-    from replicate.profiles import SMOKE
-    from replicate.results import config_changes
+    from replicate.core.config import Setting
+    from replicate.study.profiles import SMOKE
+    from replicate.study.results import config_changes
 
     now = SMOKE.resolve(Setting()).model_dump(mode="json")
     old = {k: v for k, v in now.items() if k not in ("monitor_probe", "monitor_bank")}  # written before they existed
@@ -178,49 +179,39 @@ def test_a_record_older_than_a_config_field_counts_it_at_its_default():
     assert config_changes(now, {**now, "checkpoint_every": 7}) == []  # when a run saves is not what it computes
 
 
-def test_the_reduced_profile_is_the_calibrated_candidate():
-    """docs/reduced-scale.md chose candidate w96-b32-e10 at lr scale 20; `reduced` must be exactly that."""
-    from dataclasses import replace
-
-    from replicate.calibrate import candidate
-    from replicate.profiles import REDUCED
-
-    assert replace(candidate("w96-b32-e10-lr20"), name="reduced", notes=REDUCED.notes) == REDUCED
-
-
 def test_bf16_without_results_writes_apart_and_fp32_needs_no_variable(tmp_path, monkeypatch, capsys):
     """The committed fp32 results and a bf16 CPU never meet: no variable is needed to add to the first, and the
     opt-in writes to its own folder without --results."""
     trained = []
-    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
-    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
-    monkeypatch.setattr(replicate.results, "DEFAULT_ROOT", tmp_path / "results")
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.study.results, "DEFAULT_ROOT", tmp_path / "results")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     spec = write_spec(tmp_path / "mix.yaml", 5, "  - {name: ref, label: reference}\n")
     monkeypatch.delenv("REPLICATE_CPU_MATMUL", raising=False)
-    store = replicate.runner.run_table(spec, "smoke", progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, progress=False)
     assert store.root == tmp_path / "results" and trained == ["ref"]
     monkeypatch.setenv("REPLICATE_CPU_MATMUL", "bf16")
-    store = replicate.runner.run_table(spec, "smoke", seeds=2, progress=False)  # no mixing error: its own folder
+    store = replicate.study.runner.run_table(spec, SMOKE, seeds=2, progress=False)  # no mixing error: its own folder
     assert store.root == tmp_path / "results" / "cpu-bf16" and trained == ["ref", "ref", "ref"]
     assert "results/cpu-bf16" in capsys.readouterr().err
     monkeypatch.delenv("REPLICATE_CPU_MATMUL")
-    replicate.runner.run_table(spec, "smoke", seeds=2, progress=False)  # back to fp32: adds seed 1 to results/
+    replicate.study.runner.run_table(spec, SMOKE, seeds=2, progress=False)  # back to fp32: adds seed 1 to results/
     assert trained == ["ref", "ref", "ref", "ref"]
 
 
 def test_progress_counts_the_runs_left_and_estimates_the_time(tmp_path, monkeypatch, capsys):
     trained = []
-    monkeypatch.setattr(replicate.runner, "run_row", fake_run_row(trained))
-    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
     clock = iter(range(0, 10_000, 100))  # every perf_counter call 100 s later: each row takes 100 s
-    monkeypatch.setattr(replicate.runner.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(replicate.study.runner.time, "perf_counter", lambda: next(clock))
     spec = write_spec(tmp_path / "eta.yaml", 5, "  - {name: ref, label: reference}\n"
                                                 "  - {name: other, label: other, set: {momentum: 0.9}}\n")
     results = tmp_path / "results"
-    replicate.runner.run_table(spec, "smoke", seeds=1, results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, seeds=1, results_root=results, progress=False)
     capsys.readouterr()
-    replicate.runner.run_table(spec, "smoke", seeds=3, results_root=results, progress=False)
+    replicate.study.runner.run_table(spec, SMOKE, seeds=3, results_root=results, progress=False)
     err = capsys.readouterr().err
     assert "6 run(s): 2 with results already, 4 to run" in err
     assert "seed 1: running (study: 0/4 run)" in err  # nothing finished yet: no estimate
@@ -233,10 +224,10 @@ def test_a_resumed_row_reports_its_whole_pretraining_time(tmp_path, monkeypatch,
         record = fake_run_row([])(spec, row, profile, seed, store, data_root)
         return {**record, "wall_time_s": 120.0, "pretrain_s": 500.0, "_pretrained_before_s": 400.0}
 
-    monkeypatch.setattr(replicate.runner, "run_row", resumed_run_row)
-    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.study.runner, "run_row", resumed_run_row)
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
     spec = write_spec(tmp_path / "resumed.yaml", 5, "  - {name: ref, label: reference}\n")
-    store = replicate.runner.run_table(spec, "smoke", results_root=tmp_path / "results", progress=False)
+    store = replicate.study.runner.run_table(spec, SMOKE, results_root=tmp_path / "results", progress=False)
     assert "(pretraining 500s in total, 400s of it before the resume; 120s in this run;" in capsys.readouterr().err
     assert "_pretrained_before_s" not in json.loads(store.path(spec.key, "ref", 0).read_text())
 
@@ -252,8 +243,8 @@ def test_an_interrupted_row_says_where_it_picks_up(tmp_path, monkeypatch, capsys
             path.write_bytes(b"a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(replicate.runner, "run_row", interrupted)
-    monkeypatch.setattr(replicate.runner, "compute_baselines", lambda *a: {})
+    monkeypatch.setattr(replicate.study.runner, "run_row", interrupted)
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
     assert main(["run", "table8", "--profile", "smoke", "--results", str(tmp_path), "--no-render"]) == 130
     err = capsys.readouterr().err
     said = "resumes from its last checkpoint" if checkpoint else "starts over (it had not reached its first checkpoint)"

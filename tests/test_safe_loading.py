@@ -11,12 +11,12 @@ import torch
 
 from evals.resume import load_state, save_state
 from replicate.__main__ import main
-from replicate.checkpoint import CheckpointError, load_checkpoint, rng_states, safe_load, set_rng_states
-from replicate.config import Setting
-from replicate.evaluate import CheckpointLoadError, read_checkpoint
-from replicate.model import build_vit
-from replicate.profiles import SMOKE
-from replicate.results import ResultStore
+from replicate.core.config import Setting
+from replicate.core.model import build_vit
+from replicate.runtime.checkpoint import CheckpointError, load_checkpoint, rng_states, safe_load, set_rng_states
+from replicate.study.evaluate import CheckpointLoadError, read_checkpoint
+from replicate.study.profiles import SMOKE
+from replicate.study.results import ResultStore
 
 
 class Payload:
@@ -100,7 +100,7 @@ def test_trust_checkpoint_reads_a_checkpoint_with_python_objects(tmp_path, capsy
 def test_a_planted_twin_backbone_is_not_reused(tmp_path, capsys):
     """Study 15 reuses another study's finished pretraining through its backbone file: a planted one is skipped
     (one warning line) and the row pretrains itself."""
-    from evals.e2e import reused_pretraining
+    from replicate.study.finetune_row import reused_pretraining
 
     marker = tmp_path / "ran"
     cfg = SMOKE.resolve(Setting())

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from replicate.profiles import SMOKE
-from replicate.render import render_table
-from replicate.runner import run_table
-from replicate.spec import all_specs
+from replicate.report.render import render_table
+from replicate.study.profiles import SMOKE
+from replicate.study.runner import run_table
+from replicate.study.spec import all_specs
 
 pytestmark = pytest.mark.smoke
 
@@ -18,7 +18,7 @@ def results_root(tmp_path_factory):
 
 @pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.key)
 def test_table_runs_at_smoke_and_renders(spec, results_root):
-    store = run_table(spec, "smoke", seeds=1, results_root=results_root, progress=False)
+    store = run_table(spec, SMOKE, seeds=1, results_root=results_root, progress=False)
     for row in spec.rows:
         record = json.loads(store.path(spec.key, row.name, 0).read_text())
         assert record["status"] == "ok", row.name  # no row diverges at smoke scale (seeds 0-3 checked)
@@ -45,10 +45,10 @@ def test_table_runs_at_smoke_and_renders(spec, results_root):
 
 def test_rerun_skips_finished_rows(results_root, capsys):
     spec = next(s for s in all_specs() if s.id == 8)
-    run_table(spec, "smoke", seeds=1, results_root=results_root, progress=False)
+    run_table(spec, SMOKE, seeds=1, results_root=results_root, progress=False)
     before = {r.name: (results_root / "smoke" / spec.key / r.name / "seed0.json").stat().st_mtime_ns
               for r in spec.rows}
-    run_table(spec, "smoke", seeds=1, results_root=results_root, progress=False)
+    run_table(spec, SMOKE, seeds=1, results_root=results_root, progress=False)
     after = {r.name: (results_root / "smoke" / spec.key / r.name / "seed0.json").stat().st_mtime_ns
              for r in spec.rows}
     assert before == after

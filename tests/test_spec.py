@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from replicate.spec import SpecError, all_specs, find_spec, load_spec
+from replicate.study.spec import SpecError, all_specs, find_spec, load_spec
 
 
 def test_every_spec_validates_and_carries_paper_numbers():

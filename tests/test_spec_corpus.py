@@ -125,7 +125,7 @@ def run(tmp_path, name: str, text: str | bytes):
 
 
 def test_the_corpus_is_large_and_its_base_spec_valid(tmp_path):
-    from replicate.spec import load_spec
+    from replicate.study.spec import load_spec
 
     assert len(CORPUS) >= 50
     path = tmp_path / "good.yaml"

@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from replicate.config import Setting
-from replicate.evaluate import Checkpoint, build_loaded_backbone
-from replicate.export import backbone_state, how_to_load, timm_create_kwargs
-from replicate.moco import SelfSupervisedViT
-from replicate.model import build_vit, patch_projection_weight
-from replicate.optim import build_optimizer
-from replicate.profiles import PROFILES, SMOKE
-from replicate.render import render_table
-from replicate.results import ResultStore
-from replicate.show import show_table
-from replicate.spec import SpecError, find_spec, load_spec
-from replicate.trainer import clip_patch_projection, compute_gradients, pretrain, train_step
+from replicate.core.config import Setting
+from replicate.core.moco import SelfSupervisedViT
+from replicate.core.model import build_vit, patch_projection_weight
+from replicate.core.optim import build_optimizer
+from replicate.report.render import render_table
+from replicate.runtime.trainer import clip_patch_projection, compute_gradients, pretrain, train_step
+from replicate.study.evaluate import Checkpoint, build_loaded_backbone
+from replicate.study.export import backbone_state, how_to_load, timm_create_kwargs
+from replicate.study.profiles import PROFILES, SMOKE
+from replicate.study.results import ResultStore
+from replicate.study.show import show_table
+from replicate.study.spec import SpecError, find_spec, load_spec
 
 CPU = torch.device("cpu")
 BN_KEYS = {f"patch_embed.norm.bn.{k}" for k in ("weight", "bias", "running_mean", "running_var",
@@ -193,5 +193,5 @@ def test_training_length_keeps_the_warmup_and_scales_both_lengths_alike():
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_new_studies_resolve_at_every_profile(table, profile):
     spec = load_spec(find_spec(table))
-    text = show_table(spec, profile)  # builds every row's backbone (on the meta device)
+    text = show_table(spec, PROFILES[profile])  # builds every row's backbone (on the meta device)
     assert all(f"| {r.name} " in text for r in spec.rows)

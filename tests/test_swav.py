@@ -1,4 +1,4 @@
-"""SwAV (replicate/swav.py): Sinkhorn codes, the swapped-prediction loss, the prototypes' freeze, and a short run.
+"""SwAV (replicate/core/swav.py): Sinkhorn codes, the swapped-prediction loss, the prototypes' freeze, and a short run.
 Two processes = one process is checked by tests/test_distributed.py (its SETTINGS include swav)."""
 import math
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from replicate.config import Setting
-from replicate.moco import SelfSupervisedViT
-from replicate.profiles import PAPER, REDUCED, SMOKE
-from replicate.spec import SpecError, all_specs, load_spec
-from replicate.swav import SwAVHead, frozen_prototype_steps, sinkhorn, swapped_prediction_loss
-from replicate.trainer import pretrain, seed_everything
+from replicate.core.config import Setting
+from replicate.core.moco import SelfSupervisedViT
+from replicate.core.swav import SwAVHead, frozen_prototype_steps, sinkhorn, swapped_prediction_loss
+from replicate.runtime.trainer import pretrain, seed_everything
+from replicate.study.profiles import PAPER, REDUCED, SMOKE
+from replicate.study.spec import SpecError, all_specs, load_spec
 
 
 def reference_sinkhorn(scores: np.ndarray, epsilon: float, iterations: int) -> np.ndarray:

@@ -18,9 +18,9 @@ from evals.finetune import (
 )
 from evals.loaders import EpochLoader, imagenet_linear_loaders, transfer_datasets
 from evals.transfer import HELD_OUT_CLASSES, load_target, pretraining_config
-from replicate.data import DataError, TensorSplit, channel_stats
-from replicate.profiles import PAPER, SMOKE
-from replicate.spec import find_spec, load_spec
+from replicate.core.data import DataError, TensorSplit, channel_stats
+from replicate.study.profiles import PAPER, SMOKE
+from replicate.study.spec import find_spec, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = load_spec(find_spec("table11"))
@@ -101,7 +101,7 @@ def test_disjoint_targets_hold_out_the_pretraining_classes():
     cfg = smoke_cfg("mocov3")
     pcfg = pretraining_config(cfg)
     assert pcfg.exclude_classes == HELD_OUT_CLASSES == (5, 6, 7, 8, 9) and cfg.exclude_classes == ()
-    from replicate.trainer import TensorBatches
+    from replicate.runtime.trainer import TensorBatches
 
     assert int(TensorBatches(pcfg, None, torch.device("cpu")).labels.max()) == 4
     train, test = load_target("digits_disjoint", cfg, None)
