@@ -39,7 +39,7 @@ def test_a_refused_update_leaves_the_weights_and_returns_none():
     x = torch.rand(8, cfg.in_chans, cfg.image_size, cfg.image_size)
     seen = []
     out = trainer.train_step(model, optimizer, x, x.flip(-1), 0.99, cfg.lr, False, torch.device("cpu"),
-                             before_update=lambda loss, feats: seen.append(float(loss)) or False)
+                             before_update=lambda loss, feats: seen.append(float(loss.detach())) or False)
     assert out is None and len(seen) == 1
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if "base_encoder" in k or "backbone" in k)
