@@ -59,8 +59,8 @@ def test_same_seed_gives_identical_metrics(results_root, tmp_path):
     """A study run again from scratch with the same seed gives bit-identical metrics (smoke runs of every study were
     compared so, twice; here the two-row default study, against the module's first run)."""
     spec = next(s for s in all_specs() if s.id == 8)
-    first = run_table(spec, "smoke", seeds=1, results_root=results_root, progress=False)
-    second = run_table(spec, "smoke", seeds=1, results_root=tmp_path, progress=False)
+    first = run_table(spec, SMOKE, seeds=1, results_root=results_root, progress=False)
+    second = run_table(spec, SMOKE, seeds=1, results_root=tmp_path, progress=False)
     for row in spec.rows:
         a, b = (json.loads(store.path(spec.key, row.name, 0).read_text())["metrics"] for store in (first, second))
         assert a == b, row.name
