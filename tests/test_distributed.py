@@ -122,3 +122,20 @@ def test_views_do_not_depend_on_world_size(monkeypatch):
         rows = slice(rank * 16, (rank + 1) * 16)
         for got, want in zip(part, whole):
             assert torch.equal(got, want[rows])
+
+
+def test_a_long_wait_for_a_peer_says_what_it_waits_for(capsys):
+    """The notice comes once the wait outlasts its delay, names what is awaited and the timeout; a short wait says
+    nothing (the timer is cancelled)."""
+    import time
+
+    from replicate.core.distributed import PEER_TIMEOUT_ENV, announced_wait
+
+    with announced_wait("rank 0 (the baselines)", after_s=0.05):
+        time.sleep(0.3)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "waiting for rank 0 (the baselines)" in err and PEER_TIMEOUT_ENV in err
+    with announced_wait("rank 0", after_s=0.5):
+        pass
+    time.sleep(0.7)
+    assert capsys.readouterr().err == ""

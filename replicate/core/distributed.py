@@ -1,8 +1,13 @@
 """torch.distributed helpers: torchrun-style init, rank queries and gathers that also work with one process."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -91,17 +96,42 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
+WAIT_NOTICE_S = 60.0  # a process still waiting for the others after this long says so, once
+
+
+@contextmanager
+def announced_wait(what: str, after_s: float | None = None) -> Iterator[None]:
+    """Within the block this process waits for ``what``; if the block lasts longer than ``after_s`` seconds
+    (``WAIT_NOTICE_S``), one line on stderr says what it waits for and how long it will, so a stopped peer is never
+    a silent hang. The notice comes from a timer thread: the wait itself is untouched."""
+    limit = peer_timeout()
+    until = f"{limit.total_seconds():g} s (${PEER_TIMEOUT_ENV})" if limit else f"torch's default (${PEER_TIMEOUT_ENV})"
+    delay = WAIT_NOTICE_S if after_s is None else after_s
+    timer = threading.Timer(delay, lambda: print(
+        f"rank {rank()}: waiting for {what} ({delay:g} s so far; a stopped process ends the run after {until})",
+        file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def barrier(what: str = "the other processes") -> None:
     if is_dist():
-        dist.barrier()
+        with announced_wait(what):
+            dist.barrier()
 
 
-def broadcast_from_main(obj):
-    """Rank 0's ``obj`` on every process (decisions that must agree: skip a row, trust a checkpoint)."""
+def broadcast_from_main(obj, what: str = "rank 0"):
+    """Rank 0's ``obj`` on every process (decisions that must agree: skip a row, trust a checkpoint); the others say
+    what they wait for when rank 0 takes long (``announced_wait``)."""
     if not is_dist():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with announced_wait(what) if not is_main() else contextlib.nullcontext():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 

@@ -270,7 +270,7 @@ def restore_checkpoint(ckpt_path: Path | None, cfg: RunConfig) -> dict | None:
             state = load_checkpoint(ckpt_path, cfg)
         except CheckpointError:
             state = None
-    if D.broadcast_from_main(state is not None) and not D.is_main():
+    if D.broadcast_from_main(state is not None, "rank 0 to check the checkpoint") and not D.is_main():
         state = load_checkpoint(ckpt_path, cfg)
     return state
 

@@ -82,7 +82,8 @@ def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress:
     if "knn" in cfg.metrics:
 
         train, val = (extract_loader_features(backbone, loader, device) for loader in imagenet_knn_loaders(cfg, data_root))
-        out["knn"] = D.broadcast_from_main(knn_accuracy(*train, *val, cfg.knn_k, cfg.knn_t) if D.is_main() else None)
+        out["knn"] = D.broadcast_from_main(knn_accuracy(*train, *val, cfg.knn_k, cfg.knn_t) if D.is_main() else None,
+                                           "rank 0's kNN evaluation")
     if "linear" in cfg.metrics:
         train_loader, val_loader = imagenet_linear_loaders(cfg, data_root)
         out.update(linear_probe_paper(backbone, cfg.embed_dim, cfg.num_classes, train_loader, val_loader,
@@ -278,7 +279,7 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
                     skip = True
                 elif changes:
                     log(f"{head}: config changed since the stored result ({'; '.join(changes)}): re-running")
-            if D.broadcast_from_main(skip):
+            if D.broadcast_from_main(skip, "rank 0 (the baselines, the row's lock, its stored result)"):
                 continue
             reuse = spec.kind == "pretrain" and not force and D.is_main()
             twin = store.find_same_run(config, precision) if reuse else None
