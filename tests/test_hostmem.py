@@ -34,6 +34,7 @@ def test_freed_activations_are_recycled_not_refaulted():
     default, tuned = run("default"), run("")
     assert not default["applied"] and tuned["applied"]
     steady_default, steady_tuned = sum(default["faults"][3:]), sum(tuned["faults"][3:])
-    # measured: 11-18k faults per step with glibc's defaults, 0-550 once the heap is warm
-    assert steady_default > 3 * 5000
+    # measured: 3-18k faults per step with glibc's defaults (it varies with the heap's history), 0-550 once the heap
+    # is warm; the claim is the ratio: the tuned heap faults at least 4 times less
     assert steady_tuned < 3 * 1500
+    assert steady_default > 4 * max(steady_tuned, 1000)
