@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_runner import fake_run_row  # tests/ is on sys.path under pytest (rootdir conftest)
 
 import replicate.runtime.atomic
 import replicate.study.runner
@@ -23,7 +24,6 @@ from replicate.report.render import main as render_main
 from replicate.report.render import render_table
 from replicate.runtime.atomic import WriteError, atomic_open, atomic_write_text, create_exclusive
 from replicate.runtime.checkpoint import atomic_torch_save, config_fingerprint
-from replicate.runtime.precision import training_precision
 from replicate.runtime.trainer import pretrain
 from replicate.study.profiles import SMOKE
 from replicate.study.results import ResultsError, ResultStore, UnreadableFile
@@ -56,15 +56,7 @@ def fake_baselines(*args) -> dict:
 def fake_training(monkeypatch):
     """run_row and the baselines without training: which rows ran, in order."""
     trained = []
-
-    def run_row(spec, row, profile, seed, store, data_root, progress=True):
-        trained.append(row.name)
-        cfg = profile.resolve(spec.setting(row), seed=seed)
-        return {"table": spec.key, "row": row.name, "seed": seed, "profile": profile.name, "status": "ok",
-                "metrics": {"knn": 50.0, "linear": 60.0}, "wall_time_s": 0.0, "config": cfg.model_dump(mode="json"),
-                "provenance": {"precision": training_precision("cpu")}}
-
-    monkeypatch.setattr(replicate.study.runner, "run_row", run_row)
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row(trained))
     monkeypatch.setattr(replicate.study.runner, "compute_baselines", fake_baselines)
     return trained
 
