@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from replicate.core.distributed import LaunchError, peer_failure, shutdown
     from replicate.runtime.atomic import WriteError
     from replicate.runtime.checkpoint import CheckpointError
-    from replicate.runtime.precision import PrecisionError, cpu_matmul_precision
+    from replicate.runtime.precision import PrecisionError, check_cpu_precision
     from replicate.study.evaluate import CheckpointLoadError
     from replicate.study.results import ResultsError
     from replicate.study.spec import SpecError, all_specs, find_spec, load_spec
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.seeds < 1:
             raise SpecError(f"--seeds must be at least 1 (got {args.seeds})")
-        cpu_matmul_precision()  # a mistyped $REPLICATE_CPU_MATMUL fails here, before any row runs
+        check_cpu_precision()  # a mistyped or ineffective $REPLICATE_CPU_MATMUL fails here, before any row runs
         from evals.linear import probe_bf16
 
         probe_bf16()  # and a mistyped $REPLICATE_PROBE_BF16

@@ -83,7 +83,7 @@ def test_the_loops_step_is_train_step(framework, monkeypatch):
     from replicate.runtime import trainer
 
     initial, inputs = [], []
-    real_model, real_grads = trainer.SelfSupervisedViT, trainer.compute_gradients
+    real_model, real_grads = trainer.build_model, trainer.compute_gradients
 
     def recording_model(cfg):
         model = real_model(cfg)
@@ -94,7 +94,7 @@ def test_the_loops_step_is_train_step(framework, monkeypatch):
         inputs.append((x1.clone(), x2.clone(), m, lr))
         return real_grads(model, optimizer, x1, x2, m, lr, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "SelfSupervisedViT", recording_model)
+    monkeypatch.setattr(trainer, "build_model", recording_model)
     monkeypatch.setattr(trainer, "compute_gradients", recording_grads)
     cfg = SMOKE.resolve(Setting(framework=framework, warmup_epochs=0))  # no warmup: lr > 0 from the first step
     looped = trainer.pretrain(cfg, progress=False, max_steps=2).model

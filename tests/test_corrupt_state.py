@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from test_runner import fake_run_row  # tests/ is on sys.path under pytest (rootdir conftest)
 
 import replicate.runtime.atomic
+import replicate.study.results
 import replicate.study.runner
 from replicate.__main__ import main
 from replicate.core import distributed as D
@@ -91,8 +92,9 @@ def test_an_unreadable_result_is_one_line_and_rerun_saying_so(tmp_path, fake_tra
     replicate.study.runner.run_table(spec, SMOKE, results_root=results, progress=False)
     log = capsys.readouterr().err
     assert fake_training == ["a", "b", "a", "a"]
-    assert f"stored result {bad} is unreadable" in log and "re-running the row over it" in log
+    assert f"stored result {bad} is unreadable" in log and "moved to seed0.json.bad, re-running the row" in log
     assert store.load(spec.key, "a", 0)["status"] == "ok"
+    assert bad.with_name("seed0.json.bad").read_bytes() == CORRUPT[kind]  # kept for the operator to look at
 
 
 def test_the_renderer_renders_every_other_study(tmp_path, fake_training, capsys):
@@ -106,6 +108,23 @@ def test_the_renderer_renders_every_other_study(tmp_path, fake_training, capsys)
     assert "w/ [CLS] (after final LN) (unreadable: seed0.json)" in out and "| sin-cos (2-D, fixed)" in out
     warnings = [line for line in err.splitlines() if not line.startswith("rendered from ")]  # + the summary line
     assert len(warnings) == 1 and "06_class_token/cls/seed0.json is unreadable" in warnings[0]
+
+
+def test_a_row_that_no_longer_resolves_renders_as_stale(tmp_path, capsys):
+    """A user's spec edited after its runs so that a row no longer resolves at the profile (patch 3 has no size at
+    smoke): the table renders, that row's runs are stale and say why, no traceback."""
+    spec = write_spec(tmp_path / "edited.yaml", rows=ROWS + "  - {name: c, label: row c, set: {patch_size: 3}}\n")
+    store = ResultStore(tmp_path / "results", "smoke")
+    for row in ("a", "b", "c"):
+        store.save(spec.key, row, 0, {"status": "ok", "metrics": {"knn": 10.0, "linear": 11.0}, "seed": 0,
+                                      "config": SMOKE.resolve(Setting(epochs=100, warmup_epochs=10)).model_dump(
+                                          mode="json")})
+    text = render_table(spec, store)
+    assert "row c (stale)" in text and "row a (stale)" not in text and "row b (stale)" in text  # b: temperature
+    current = replicate.study.results.CurrentConfigs(spec, SMOKE)
+    assert current.changes(store.load(spec.key, "c", 0), spec.row("c")) == [
+        "the row does not resolve at profile smoke now (profile smoke has no patch size for the paper's patch 3: use "
+        "one of 16, 14, 7 (or null for the arch's))"]
 
 
 # ---- baselines ----------------------------------------------------------------------------------------------------
@@ -206,6 +225,28 @@ def test_a_garbage_backbone_is_one_line_for_export_and_skipped_by_reuse(tmp_path
         assert reused_pretraining(store, cfg) == (None, None)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "pretraining this row instead" in err
+
+
+def test_a_garbage_backbone_is_not_linked_to_a_reusing_row(tmp_path, fake_training, capsys, monkeypatch):
+    """A row that reuses a twin's result checks the twin's backbone before sharing it: a damaged one is one warning
+    line now, and the reused result names no backbone (instead of a second name for the garbage)."""
+    monkeypatch.setenv("REPLICATE_CPU_MATMUL", "fp32")
+    results = tmp_path / "results"
+    first = write_spec(tmp_path / "first.yaml", rows="  - {name: a, label: row a}\n", table_id=96)
+    second = write_spec(tmp_path / "second.yaml", rows="  - {name: a, label: row a}\n", table_id=95)
+    store = replicate.study.runner.run_table(first, SMOKE, results_root=results, progress=False)
+    record = store.load(first.key, "a", 0)
+    path = store.backbone_path(first.key, "a", 0)
+    path.write_bytes(b"garbage" * 100)
+    store.save(first.key, "a", 0, {**record, "backbone": path.name})
+    capsys.readouterr()
+    replicate.study.runner.run_table(second, SMOKE, results_root=results, progress=False)
+    log = capsys.readouterr().err
+    reused = store.load(second.key, "a", 0)
+    assert reused["reused_from"] == f"{first.key}/a/seed0" and "backbone" not in reused
+    assert not store.backbone_path(second.key, "a", 0).exists()
+    assert log.count(f"backbone file {path} is unreadable") == 1 and "keeps no backbone file" in log
+    assert fake_training == ["a"]  # the first study trained it; the second reused it
 
 
 # ---- precision in the fingerprint -----------------------------------------------------------------------------

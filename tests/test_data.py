@@ -115,13 +115,14 @@ def test_rgb_jitter_and_grayscale_apply_at_their_rates():
 
 
 def test_grayscale_recipe_unchanged():
-    """The reduced profile's augmentation draws the same random numbers in the same order as when the committed
-    results were made (a change here changes every reduced number)."""
+    """The augmentation draws the same random numbers in the same order as when the v3 reduced results were made (a
+    change here changes every reduced number; the last one, #30's crop that redraws like RandomResizedCrop instead
+    of clamping, was made before they were run)."""
     aug = TwoViewBatchAugment(28, 0.35, (0.1, 0.6), (0.286,), (0.353,))
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     v1, v2 = aug(x, torch.Generator().manual_seed(5))
-    assert v1.double().sum().item() == pytest.approx(31318.827, abs=0.05)
-    assert v2.double().sum().item() == pytest.approx(24199.949, abs=0.05)
+    assert v1.double().sum().item() == pytest.approx(27846.448, abs=0.05)
+    assert v2.double().sum().item() == pytest.approx(24009.688, abs=0.05)
 
 
 def tiny_image_folder(root, classes=2, per_class=8, size=40):

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from replicate.core.config import RunConfig, Setting
-from replicate.core.moco import SelfSupervisedViT
+from replicate.core.moco import build_model
 from replicate.runtime.trainer import TensorBatches, pretrain, seed_everything
 from replicate.study.profiles import SMOKE
 
@@ -104,7 +104,7 @@ def test_two_processes_match_one(name, two_process_results):
         assert diff.max() <= limit, f"{key}: max |diff| {diff.max():.2e} > {limit:.1e}"
     # not vacuous: training moved the weights far beyond the tolerance
     seed_everything(small_config(SETTINGS[name]).seed)
-    init = SelfSupervisedViT(small_config(SETTINGS[name])).state_dict()
+    init = build_model(small_config(SETTINGS[name])).state_dict()  # as pretrain builds it
     moved = max((ref_state[k] - init[k]).abs().max().item() for k in ref_state if k.endswith("weight"))
     assert moved > 100 * WEIGHT_ATOL
     # the kNN monitor saw the same (gathered) features at the same steps

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from replicate.core.config import RunConfig, Setting
-from replicate.core.moco import SelfSupervisedViT, contrastive_loss
+from replicate.core.moco import SelfSupervisedViT, build_model, contrastive_loss
 from replicate.core.model import TokenBatchNorm, build_vit, count_parameters, sincos_2d_position_embedding
 from replicate.core.optim import build_optimizer
 from replicate.core.schedules import lr_schedule, momentum_schedule
@@ -191,11 +191,11 @@ def test_patch_projection_frozen_only_when_random_through_pretrain(patch_proj, m
     initial = []
 
     def recording_model(cfg):
-        model = SelfSupervisedViT(cfg)
+        model = build_model(cfg)
         initial.append(copy.deepcopy(model.state_dict()))
         return model
 
-    monkeypatch.setattr(trainer, "SelfSupervisedViT", recording_model)
+    monkeypatch.setattr(trainer, "build_model", recording_model)
     cfg = smoke(patch_proj=patch_proj, batch_size=1024)  # smoke batch 16
     result = trainer.pretrain(cfg, progress=False, max_steps=3)  # step 0 has lr 0 (warmup); steps 1-2 move
     before, after = initial[0], result.model.state_dict()

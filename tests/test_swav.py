@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from replicate.core.config import Setting
-from replicate.core.moco import SelfSupervisedViT
+from replicate.core.moco import SelfSupervisedViT, build_model
 from replicate.core.swav import SwAVHead, frozen_prototype_steps, sinkhorn, swapped_prediction_loss
 from replicate.runtime.trainer import pretrain, seed_everything
 from replicate.study.profiles import PAPER, REDUCED, SMOKE
@@ -134,7 +134,7 @@ def test_prototypes_do_not_move_in_the_frozen_epoch_and_move_after():
     cfg = short_run_config(swav_freeze_prototypes_epochs=150)  # 150 of 300 paper epochs: the first of 2 (4 steps)
     assert frozen_prototype_steps(cfg, 4) == 4
     seed_everything(cfg.seed)
-    init = SelfSupervisedViT(cfg).state_dict()
+    init = build_model(cfg).state_dict()  # as pretrain builds it
     frozen = pretrain(cfg, progress=False, max_steps=4).model.state_dict()
     # only re-normalised (every forward), never updated: no gradient step, no weight decay
     torch.testing.assert_close(frozen["swav.prototypes.weight"],

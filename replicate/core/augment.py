@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params: 10 candidates, then the whole image (a square one)
+
 
 class TwoViewBatchAugment:
     def __init__(self, image_size: int, crop_min: float, blur_sigma: tuple[float, float],
@@ -35,16 +37,26 @@ class TwoViewBatchAugment:
         self._jitter = torch.compile(apply_color_jitter, dynamic=False) if compile else apply_color_jitter
 
     def crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """RandomResizedCrop(scale=(crop_min, 1), ratio=(3/4, 4/3)) + horizontal flip, as one affine resample."""
+        """RandomResizedCrop(scale=(crop_min, 1), ratio=(3/4, 4/3)) + horizontal flip, as one affine resample.
+
+        The crop's size is drawn as torchvision's ``get_params`` draws it: up to ``CROP_TRIES`` (area, aspect)
+        candidates, the first that fits inside the image wins, the whole image if none does. All candidates are drawn
+        at once (a fixed number of draws per batch, so a resumed run replays them); sides in continuous units where
+        torchvision rounds to pixels."""
         n, dev = x.shape[0], x.device
-        u = torch.rand(n, 4, generator=g, device=dev)
-        area = self.crop_min + (1 - self.crop_min) * u[:, 0]
-        log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+        u = torch.rand(n, CROP_TRIES, 2, generator=g, device=dev)
+        area = self.crop_min + (1 - self.crop_min) * u[..., 0]
+        log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[..., 1]
         ratio = log_r.exp()
-        w = (area * ratio).sqrt().clamp(max=1.0)
-        h = (area / ratio).sqrt().clamp(max=1.0)
-        cx = (u[:, 2] * 2 - 1) * (1 - w)  # centre, in [-1, 1] units, keeping the crop inside the image
-        cy = (u[:, 3] * 2 - 1) * (1 - h)
+        w, h = (area * ratio).sqrt(), (area / ratio).sqrt()
+        fits = (w <= 1) & (h <= 1)
+        first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first candidate that fits (0 if none)
+        none_fit = ~fits.any(dim=1)
+        w = torch.where(none_fit, 1.0, w.gather(1, first).squeeze(1))
+        h = torch.where(none_fit, 1.0, h.gather(1, first).squeeze(1))
+        c = torch.rand(n, 2, generator=g, device=dev)
+        cx = (c[:, 0] * 2 - 1) * (1 - w)  # centre, in [-1, 1] units, keeping the crop inside the image
+        cy = (c[:, 1] * 2 - 1) * (1 - h)
         flip = torch.where(torch.rand(n, generator=g, device=dev) < 0.5, -1.0, 1.0)
         theta = torch.zeros(n, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx

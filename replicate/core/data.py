@@ -6,6 +6,7 @@ Small datasets are held as one float tensor in [0, 1] of shape (N, C, H, W): the
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,3 +230,17 @@ def imagenet_folder(data_root: str | None, split: str):
     if not path.is_dir():
         raise DataError(f"{path}: no such folder; --data-root must hold train/ and val/ in ImageFolder layout")
     return path
+
+
+def count_folder_images(path: Path, at_most: int) -> int:
+    """The images torchvision's ImageFolder would find under ``path`` (class folders, its extensions), counting
+    stops at ``at_most``: enough to tell whether a batch fits without listing 1.28M files first."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision loads slowly; only ImageFolder runs need it
+
+    n = 0
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+        for _, _, files in os.walk(class_dir, followlinks=True):
+            n += sum(f.lower().endswith(IMG_EXTENSIONS) for f in files)
+            if n >= at_most:
+                return at_most
+    return n

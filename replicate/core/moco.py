@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicate.core.config import RunConfig
+from replicate.core.config import RunConfig, Setting
 from replicate.core.distributed import gather_no_grad, gather_with_grad, rank
 from replicate.core.model import build_mlp, build_vit
 from replicate.core.swav import SwAVHead
@@ -109,3 +109,41 @@ class SelfSupervisedViT(nn.Module):
         else:
             loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
         return loss, h1.detach()
+
+
+def build_model(cfg: RunConfig) -> SelfSupervisedViT:
+    """The row's model, starting from the weights its study's other rows of this seed start from, where it can.
+
+    Rows compared with one seed should differ only in what the row changes (#31, paired comparisons). Drawn in
+    module order, one extra or missing parameter (no [CLS], no position table, BN in a head) would shift the draws
+    of everything after it. So the default recipe's model (``Setting()``: same sizes) is built from the seed, and
+    every tensor whose name, shape and owning layer type it shares with the row's model is copied from it; the rest
+    keeps its own draw. The global RNG is left as building the row's model alone leaves it.
+    """
+    model = SelfSupervisedViT(cfg)
+    default = cfg.model_copy(update={"setting": Setting(arch=cfg.setting.arch, patch_size=cfg.setting.patch_size)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        reference = SelfSupervisedViT(default)
+    share_initial_weights(model, reference)
+    return model
+
+
+def share_initial_weights(model: nn.Module, reference: nn.Module) -> list[str]:
+    """Copy into ``model`` every parameter and buffer of ``reference`` with the same name, shape and owning layer
+    type (a Linear's weight never takes a BatchNorm's); returns the names copied."""
+    def owners(m: nn.Module) -> dict[str, tuple[type, torch.Tensor]]:
+        out = {}
+        for mod_name, mod in m.named_modules():
+            for t_name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                out[f"{mod_name}.{t_name}" if mod_name else t_name] = (type(mod), t)
+        return out
+
+    mine, theirs = owners(model), owners(reference)
+    copied = []
+    with torch.no_grad():
+        for name, (kind, t) in mine.items():
+            if name in theirs and theirs[name][0] is kind and theirs[name][1].shape == t.shape:
+                t.copy_(theirs[name][1])
+                copied.append(name)
+    return copied

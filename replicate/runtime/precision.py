@@ -19,11 +19,13 @@ bf16 CPU run writes under ``results/cpu-bf16/`` (``BF16_RESULTS``, used by the r
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from replicate.runtime.hardware import cpu_info
@@ -53,6 +55,30 @@ def cpu_matmul_precision() -> str:
         raise PrecisionError(f"${ENV}={value!r}: expected one of {', '.join(CHOICES)} (or unset for the default, "
                              f"{DEFAULT})")
     return value
+
+
+@functools.cache
+def bf16_matmuls_take_effect() -> bool:
+    """Whether this CPU and torch build honour ``fp32_precision = "bf16"`` for a Linear layer. Not every one does:
+    on a Zen 4 EPYC (AVX512-BF16) with torch 2.14.1, a Linear multiplied in fp32 bit for bit under it."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 96, generator=g), torch.randn(96, 96, generator=g)
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    exact = F.linear(x, w)
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        rounded = F.linear(x, w)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+    return not torch.equal(exact, rounded)
+
+
+def check_cpu_precision() -> None:
+    """Before a CPU run: a bad ``$REPLICATE_CPU_MATMUL`` is refused, and so is bf16 where it would not take effect
+    (the run would multiply in fp32 and be labelled bf16)."""
+    if cpu_matmul_precision() == "bf16" and not torch.cuda.is_available() and not bf16_matmuls_take_effect():
+        raise PrecisionError(f"${ENV}=bf16: this CPU and torch build ignore bf16 matmuls (a test Linear multiplied in "
+                             f"fp32, bit for bit), so the runs would be fp32 labelled bf16; unset {ENV}")
 
 
 def step_precision(device_type: str) -> str:

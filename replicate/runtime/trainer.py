@@ -29,7 +29,7 @@ from replicate.core import distributed as D
 from replicate.core.augment import TwoViewBatchAugment, two_view_pil_crops
 from replicate.core.config import RunConfig
 from replicate.core.data import DataError, channel_stats, imagenet_folder, is_tensor_dataset, pretraining_split
-from replicate.core.moco import SelfSupervisedViT
+from replicate.core.moco import SelfSupervisedViT, build_model
 from replicate.core.optim import build_optimizer
 from replicate.core.schedules import lr_schedule, momentum_schedule
 from replicate.core.seeding import augment_seed, epoch_seed, seed_everything  # noqa: F401 -- seed_everything re-exported
@@ -291,7 +291,7 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
     ms = momentum_schedule(cfg.setting.momentum, cfg.epochs, ipe, cfg.setting.momentum_schedule == "cosine")
     every = checkpoint_interval(cfg)
 
-    model = SelfSupervisedViT(cfg).to(device)
+    model = build_model(cfg).to(device)
     if D.is_dist():
         model = D.convert_sync_batchnorm(model, device)
     optimizer = build_optimizer(cfg, model)

@@ -184,8 +184,13 @@ class CurrentConfigs:
         return self._dumps[key]
 
     def changes(self, record: dict, row) -> list[str]:
-        """How ``record``'s stored config differs from what its row and seed resolve to now (``config_changes``)."""
-        return config_changes(record.get("config"), self.now(row, record.get("seed", 0)))
+        """How ``record``'s stored config differs from what its row and seed resolve to now (``config_changes``); a
+        row that no longer resolves at the profile (a user's spec edited since) differs in that, and nothing else."""
+        try:
+            now = self.now(row, record.get("seed", 0))
+        except ValueError as e:  # profiles.ResolveError, or a config the resolved values fail
+            return [f"the row does not resolve at profile {self.profile.name} now ({e})"]
+        return config_changes(record.get("config"), now)
 
     def is_current(self, record: dict, row) -> bool:
         """Whether the stored run was made with the config ``row`` resolves to now; a record without a stored

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,13 @@ from evals.loaders import imagenet_knn_loaders, imagenet_linear_loaders
 from evals.resume import load_state, remove_state, save_state
 from replicate.core import distributed as D
 from replicate.core.config import RunConfig, Setting
-from replicate.core.data import imagenet_folder, is_tensor_dataset, load_tensor_dataset, pretraining_split
+from replicate.core.data import (
+    count_folder_images,
+    imagenet_folder,
+    is_tensor_dataset,
+    load_tensor_dataset,
+    pretraining_split,
+)
 from replicate.core.moco import SelfSupervisedViT
 from replicate.core.model import build_vit
 from replicate.runtime.atomic import remove_leftovers
@@ -24,7 +31,7 @@ from replicate.runtime.checkpoint import config_fingerprint
 from replicate.runtime.instability import summarize
 from replicate.runtime.precision import BF16_RESULTS, DEFAULT, ENV, LABELS, training_precision
 from replicate.runtime.trainer import PretrainResult, pretrain
-from replicate.study.export import keep_backbone
+from replicate.study.export import keep_backbone, read_backbone_file
 from replicate.study.finetune_row import run_finetune_row
 from replicate.study.profiles import Profile
 from replicate.study.results import (
@@ -177,15 +184,30 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
     return record
 
 
+def backbone_readable(store: ResultStore, twin: dict, log, head: str) -> bool:
+    """Whether a twin's backbone file can be shared as it is: a damaged one is said now, once, and not linked to a
+    second name (the reused result then keeps no backbone; re-running the twin writes it again)."""
+    path = store.backbone_path(twin["table"], twin["row"], twin["seed"])
+    if not path.exists():
+        return False
+    try:
+        read_backbone_file(path, f"re-run {twin['table']} row {twin['row']} with --force")
+    except ResultsError as e:
+        log(f"{head}: warning: {e}; this row's reused result keeps no backbone file")
+        return False
+    return True
+
+
 def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
     """Everything a run reads must be there before anything is written: a DataError here leaves no trace, nor does
-    a row whose batch exceeds the data (in-memory datasets; an ImageFolder is not counted)."""
+    a row whose batch exceeds the data (an ImageFolder is counted only as far as the largest batch)."""
     cfg = profile.resolve(spec.setting(spec.row(spec.reference)))
     if is_tensor_dataset(cfg.dataset):
         check_batch_fits(spec, profile, len(pretraining_split(cfg, data_root)))
     else:
-
-        imagenet_folder(data_root, "train"), imagenet_folder(data_root, "val")
+        train, _ = imagenet_folder(data_root, "train"), imagenet_folder(data_root, "val")
+        largest = max(profile.resolve(spec.setting(row)).batch_size for row in spec.rows)
+        check_batch_fits(spec, profile, count_folder_images(train, at_most=largest))
 
 
 # the README's line on CPU precision, named by the refusal below
@@ -267,8 +289,11 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
             if D.is_main() and not force:
                 try:
                     old = store.load(spec.key, row.name, seed)
-                except UnreadableFile as e:  # never taken for a missing result in silence
-                    log(f"{head}: stored result {e.path} is unreadable ({e.why}): re-running the row over it")
+                except UnreadableFile as e:  # never taken for a missing result in silence, nor lost
+                    kept = e.path.with_name(e.path.name + ".bad")
+                    os.replace(e.path, kept)
+                    log(f"{head}: stored result {e.path} is unreadable ({e.why}): moved to {kept.name}, re-running "
+                        "the row")
                     old = None
                 changes = config_changes(old.get("config"), config) if old is not None else None
                 if changes == []:
@@ -288,7 +313,8 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
                     source = twin.get("reused_from") or f"{twin['table']}/{twin['row']}/seed{twin['seed']}"
                     copy = {**twin, "table": spec.key, "row": row.name, "reused_from": source}
                     copy.pop("backbone", None)  # named again only if the twin's file is there to share
-                    if store.share_backbone((twin["table"], twin["row"], twin["seed"]), (spec.key, row.name, seed)):
+                    if backbone_readable(store, twin, log, head) and store.share_backbone(
+                            (twin["table"], twin["row"], twin["seed"]), (spec.key, row.name, seed)):
                         copy["backbone"] = store.backbone_path(spec.key, row.name, seed).name
                     store.save(spec.key, row.name, seed, copy)
                     eta.reused()
