@@ -61,6 +61,14 @@ def test_only_a_finished_pretraining_record_of_the_same_config_is_reused(tmp_pat
     assert store.find_same_run(config) is None
     store.save("table5", "sincos", 0, {"status": "ok", "config": config, "metrics": {"knn": 1.0, "linear": 2.0}})
     assert store.find_same_run(config)["metrics"] == {"knn": 1.0, "linear": 2.0}
+    # a record rewritten since (same size, same second) is read again; the unchanged ones are not
+    store.save("table5", "sincos", 0, {"status": "ok", "config": config, "metrics": {"knn": 3.0, "linear": 4.0}})
+    reads = []
+    real = replicate.study.results.read_json
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(replicate.study.results, "read_json", lambda f, *a: reads.append(f.parent.parent.name) or real(f, *a))
+        assert store.find_same_run(config)["metrics"] == {"knn": 3.0, "linear": 4.0}
+        assert reads == ["table5"]
 
 
 def fake_run_row(trained):

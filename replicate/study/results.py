@@ -296,6 +296,7 @@ class ResultStore:
     def __init__(self, root: str | Path | None, profile: str):
         self.root = Path(root) if root else DEFAULT_ROOT
         self.profile = profile
+        self._read: dict[Path, tuple[tuple[int, int, int], dict | None]] = {}  # find_same_run: file stamp, record
 
     @property
     def profile_dir(self) -> Path:
@@ -451,10 +452,7 @@ class ResultStore:
         a row is the same experiment (on in-memory data bit for bit: tests/test_runner.py), so it is copied, not
         trained again. ``precision``: only a run that multiplied that way (``record_precision``)."""
         for f in sorted(self.profile_dir.glob("*/*/seed*.json")):
-            try:
-                rec = read_json(f, record_problem, "")
-            except UnreadableFile:  # another row's damaged file is that row's business (its run and render say so)
-                continue
+            rec = self._read_unchanged(f)
             if rec is None:
                 continue
             # a transfer row stores its pretraining config too, but its metrics are fine-tuning accuracies
@@ -463,6 +461,23 @@ class ResultStore:
                     and precision in (None, record_precision(rec))):
                 return rec
         return None
+
+    def _read_unchanged(self, f: Path) -> dict | None:
+        """``f``'s record, parsed again only if the file changed since this store last read it (a study asks once per
+        row: without this, every row re-read every result of the profile); None for an unreadable one, which is
+        another row's business (its run and render say so)."""
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # atomic writes replace the inode: a rewrite always shows
+        if f not in self._read or self._read[f][0] != stamp:
+            try:
+                rec = read_json(f, record_problem, "")
+            except UnreadableFile:
+                rec = None
+            self._read[f] = (stamp, rec)
+        return self._read[f][1]
 
     def load_baselines(self) -> dict | None:
         """The profile's baselines, None if not computed yet; an unreadable file is an ``UnreadableFile``."""
