@@ -101,10 +101,12 @@ PAPER_TRANSFER_RECIPES = {
 # DeiT's lr schedule (warmup from 1e-6, floor 1e-5: the peak lr is 5e-4 here, 6e-4 in the paper's recipe) with
 # about the paper's 100 scheduler steps: 10 (reduced) or 7 (smoke) per epoch instead of DeiT's one, which in a
 # 10-epoch run would hold 2 of the 10 epochs at the warmup lr (deit_lr_schedule).
+_REDUCED_TRANSFER = FinetuneRecipe(epochs=10, batch=128, base_lr=2e-3, wd=0.05, warmup_epochs=1, drop_path=0.1,
+                                   label_smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0, crop_scale=(0.35, 1.0),
+                                   train_subset=5000, min_lr=1e-5, warmup_lr=1e-6, lr_steps_per_epoch=10)
 SMALL_TRANSFER_RECIPES = {
-    "reduced": FinetuneRecipe(epochs=10, batch=128, base_lr=2e-3, wd=0.05, warmup_epochs=1, drop_path=0.1,
-                              label_smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0, crop_scale=(0.35, 1.0),
-                              train_subset=5000, min_lr=1e-5, warmup_lr=1e-6, lr_steps_per_epoch=10),
+    "reduced": _REDUCED_TRANSFER,
+    "reduced-aligned": _REDUCED_TRANSFER,  # both reduced datasets: Fashion-MNIST's 10 classes, 28 px objects
     "smoke": FinetuneRecipe(epochs=15, batch=64, base_lr=4e-3, wd=0.05, warmup_epochs=1, drop_path=0.0,
                             label_smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0, crop_scale=(0.5, 1.0),
                             min_lr=1e-5, warmup_lr=1e-6, lr_steps_per_epoch=7),

@@ -185,10 +185,11 @@ def test_export_without_a_result_says_to_run_the_table(tmp_path, capsys):
     assert err.count("\n") == 1 and "seed0.backbone.pt is missing" in err
     assert f"replicate run table5 --profile smoke --results {tmp_path / 'results'} --force" in err
     # the committed results never had backbones: the fix runs into a folder of the user's own, not --force
-    default = ResultStore(None, "reduced")
+    default = ResultStore(None, "reduced-aligned")
     assert default.load("05_position_embedding", "sincos", 0) is not None  # committed
     if not default.backbone_path("05_position_embedding", "sincos", 0).exists():
-        assert main(["export", "table5", "sincos", "--format", "timm", "-o", str(tmp_path / "x.pth")]) == 2
+        assert main(["export", "table5", "sincos", "--profile", "reduced-aligned", "--format", "timm", "-o",
+                     str(tmp_path / "x.pth")]) == 2
         err = capsys.readouterr().err
         assert "not committed" in err and "--results my-results" in err and "--force" not in err
     assert not (tmp_path / "x.pth").exists()

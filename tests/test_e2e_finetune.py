@@ -34,8 +34,8 @@ def test_paper_recipe_is_deits_with_the_rows_epochs_and_drop_path():
 
 def test_small_recipes_scale_epochs_batch_and_lr_like_pretraining():
     b, s = e2e_recipe(setting("mocov3_vit_b"), REDUCED), e2e_recipe(setting("scratch_vit_b"), REDUCED)
-    assert (b.epochs, s.epochs, b.batch) == (5, 10, 32)  # 150 / 300 epochs x 10/300; 1024 / 32
-    assert b.lr == pytest.approx(5e-4 * 20 * 32 / 512)  # the profile's lr scale on DeiT's lr x batch / 512
+    assert (b.epochs, s.epochs, b.batch) == (10, 20, 32)  # 150 / 300 epochs x 20/300; 1024 / 32
+    assert b.lr == pytest.approx(5e-4 * 160 * 32 / 512)  # the profile's lr scale on DeiT's lr x batch / 512
     assert b.min_lr / b.lr == pytest.approx(1e-5 / PAPER_IMAGENET_FINETUNE.lr)  # the floor keeps its fraction
     assert (b.mixup, b.cutmix, b.reprob, b.rand_augment, b.crop_scale) == (0.0, 0.0, 0.0, None, (0.35, 1.0))
     assert e2e_recipe(setting("mocov3_vit_l"), SMOKE).drop_path == 0.5  # the row's meaning survives the scale

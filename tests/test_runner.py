@@ -258,3 +258,20 @@ def test_an_interrupted_row_says_where_it_picks_up(tmp_path, monkeypatch, capsys
     said = "resumes from its last checkpoint" if checkpoint else "starts over (it had not reached its first checkpoint)"
     assert f"with_pred seed 0: interrupted; the next run of this study {said}" in err
     assert err.strip().endswith("interrupted: finished rows are saved; the same command continues the study")
+
+
+def test_the_reduced_profile_is_the_frozen_v3_choice():
+    """docs/reduced-scale.md, stage v3-3: `reduced` is candidate t40-n10k-e20 at lr scale 160 (the stage-2
+    fallback), written out here so that no edit of the candidates moves it silently; the aligned profile stays
+    what its committed results were made with."""
+    from dataclasses import replace
+
+    from replicate.study.profiles import PROFILES, REDUCED, REDUCED_ALIGNED, calibration_candidate
+
+    assert replace(REDUCED, name="x", notes="") == replace(calibration_candidate("t40-n10k-e20-lr160"), name="x", notes="")
+    assert (REDUCED.dataset, REDUCED.image_size, REDUCED.train_subset, REDUCED.patch_map[16], REDUCED.lr_scale,
+            REDUCED.epoch_scale, REDUCED.batch_scale, REDUCED.archs["vit_base"]) == (
+        "fashion_mnist_translated", 40, 10_000, 10, 160.0, 20 / 300, 1 / 32, (96, 4, 4))
+    assert (REDUCED_ALIGNED.dataset, REDUCED_ALIGNED.image_size, REDUCED_ALIGNED.lr_scale,
+            REDUCED_ALIGNED.epoch_scale) == ("fashion_mnist", 28, 20.0, 10 / 300)
+    assert {"reduced", "reduced-aligned"} <= set(PROFILES)

@@ -117,10 +117,10 @@ def test_profiles_keep_the_batch_to_prototypes_ratio():
 
 def test_prototypes_are_frozen_for_one_paper_epoch_scaled_by_the_profile():
     assert frozen_prototype_steps(PAPER.resolve(Setting(framework="swav")), 312) == 312  # official 313 iterations
-    reduced = REDUCED.resolve(Setting(framework="swav"))  # 300 -> 10 epochs: 1 epoch -> 1/30 of a reduced epoch
-    assert frozen_prototype_steps(reduced, 78) == math.ceil(78 / 30)
-    short = REDUCED.resolve(Setting(framework="swav", epochs=100))  # 100 -> 3 epochs: 1 epoch -> 3/100
-    assert short.epochs == 3 and frozen_prototype_steps(short, 78) == math.ceil(78 * 3 / 100)
+    reduced = REDUCED.resolve(Setting(framework="swav"))  # 300 -> 20 epochs: 1 epoch -> 1/15 of a reduced epoch
+    assert frozen_prototype_steps(reduced, 78) == math.ceil(78 / 15)
+    short = REDUCED.resolve(Setting(framework="swav", epochs=100))  # 100 -> 7 epochs: 1 epoch -> 7/100
+    assert short.epochs == 7 and frozen_prototype_steps(short, 78) == math.ceil(78 * 7 / 100)
     assert frozen_prototype_steps(PAPER.resolve(Setting()), 312) == 0
 
 

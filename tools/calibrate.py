@@ -143,13 +143,14 @@ def stage2_report(base: str) -> str:
     lr0.5e-4 over the calibration seeds, and whether the scale qualifies ((a) and (b) and (c))."""
     lines = ["| lr scale | lr1.5e-4: dips / open drop per seed | linear | lr0.5e-4: dips / open drop per seed | "
              "diverged | (a) | (b) | (c) | qualifies |", "|" + "---|" * 9]
-    best_before = None
+    best_before, tried, qualifying, fallback = None, 0, None, {}  # fallback: scale -> lr1.5e-4 dips where (b), (c)
     for scale in LR_SCALES:
         hi = _calibration_records(f"{base}-lr{scale}", "table2:lr1.5e-4")
         lo = _calibration_records(f"{base}-lr{scale}", "table2:lr0.5e-4")
         if len(hi) < len(CALIBRATION_SEEDS) or len(lo) < len(CALIBRATION_SEEDS):
             lines.append(f"| {scale} | not run (or unfinished) | | | | | | | |")
             continue
+        tried += 1
 
         def cells(recs):
 
@@ -169,6 +170,23 @@ def stage2_report(base: str) -> str:
                      f"{'yes' if a and b and c else 'no'} |")
         if lin is not None:
             best_before = lin if best_before is None else max(best_before, lin)
+        if a and b and c and qualifying is None:
+            qualifying = scale
+        if b and c:
+            fallback[scale] = sum((record_summary(r) or {}).get("knn", {}).get("n_dips", 0) for r in hi)
+    lines.append("")
+    if qualifying is not None:
+        lines.append(f"Chosen: lr scale {qualifying}, the smallest that qualifies.")
+    elif tried == len(LR_SCALES):
+        # the written fallback: most lr1.5e-4 dips where (b) and (c) hold, the smaller on a tie, else 20
+        most = max(fallback.values(), default=None)
+        pick = min(k for k, v in fallback.items() if v == most) if fallback else 20
+        why = (f"the most lr1.5e-4 dips ({most}) among the scales where (b) and (c) hold, the smaller on a tie"
+               if fallback else "no scale where (b) and (c) hold")
+        lines.append(f"None of {', '.join(map(str, LR_SCALES))} qualifies; the written fallback chooses lr scale {pick} "
+                     f"({why}); the instability criterion is missed.")
+    else:
+        lines.append("No scale chosen yet: the next scale is run until one qualifies or all have run.")
     return "\n".join(lines)
 
 

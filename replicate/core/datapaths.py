@@ -13,7 +13,7 @@ FMNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # the profiles whose data is Fashion-MNIST (tests/test_data.py pins this to replicate.study.profiles)
-FASHION_MNIST_PROFILES = ("reduced",)
+FASHION_MNIST_PROFILES = ("reduced", "reduced-aligned")
 FIX = ("`sudo apt-get install dataset-fashion-mnist` (Debian, Ubuntu), or pass --data-root DIR holding the four "
        "Fashion-MNIST idx files")
 

@@ -299,6 +299,24 @@ def read_studies(profile: Profile, results: str | Path | None = None) -> dict[st
     return {spec.key: StudyRecords(spec, store, profile) for spec in all_specs()}
 
 
+def study_verdicts(study: StudyRecords, profile: Profile) -> tuple[list, Counter]:
+    """A study's row verdicts as its rendered table gives them, and their counts by kind (``other``: no verdict)."""
+    verdicts = row_verdicts(study.spec, study.shown(), profile.name)
+    return verdicts, Counter(v.kind if v.kind in COMPARED else "other" for _, v, _ in verdicts)
+
+
+def verdict_totals(profile: Profile, studies: dict[str, StudyRecords]) -> str:
+    """The verdict counts of ``verdict_summary`` summed over every study, in one sentence."""
+    total, rows = Counter(), 0
+    for study in studies.values():
+        verdicts, counts = study_verdicts(study, profile)
+        total.update(counts)
+        rows += len(verdicts)
+    return (f"Over the {rows} compared rows of the {len(studies)} studies at `{profile.name}`: "
+            f"{total[Kind.REPRODUCES]} reproduce, {total[Kind.WITHIN_NOISE]} within noise, {total[Kind.OPPOSITE]} opposite, {total['other']} without a "
+            "verdict.\n")
+
+
 def verdict_summary(profile: Profile, results: str | Path | None = None,
                     studies: dict[str, StudyRecords] | None = None) -> str:
     """One markdown line per study: how many compared rows reproduce the paper's effect, are within noise or go the
@@ -312,8 +330,7 @@ def verdict_summary(profile: Profile, results: str | Path | None = None,
     for study in studies.values():
         spec, store = study.spec, study.store
         records = study.shown()
-        verdicts = row_verdicts(spec, records, profile.name)
-        counts = Counter(v.kind if v.kind in COMPARED else "other" for _, v, _ in verdicts)
+        verdicts, counts = study_verdicts(study, profile)
         seeds = sorted({n for _, _, n in verdicts if n})
         seeds_cell = DASH if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
         table = store.profile_dir / f"{spec.key}.md"
