@@ -313,8 +313,8 @@ def verdict_totals(profile: Profile, studies: dict[str, StudyRecords]) -> str:
         total.update(counts)
         rows += len(verdicts)
     return (f"Over the {rows} compared rows of the {len(studies)} studies at `{profile.name}`: "
-            f"{total[Kind.REPRODUCES]} reproduce, {total[Kind.WITHIN_NOISE]} within noise, {total[Kind.OPPOSITE]} opposite, {total['other']} without a "
-            "verdict.\n")
+            f"{total[Kind.REPRODUCES]} reproduce, {total[Kind.WITHIN_NOISE]} within noise, "
+            f"{total[Kind.OPPOSITE]} opposite, {total['other']} without a verdict.\n")
 
 
 def verdict_summary(profile: Profile, results: str | Path | None = None,
