@@ -18,14 +18,14 @@ from torch import nn
 from replicate.core import distributed as D
 from replicate.runtime.checkpoint import (
     CheckpointError,
-    atomic_torch_save,
     load_verified,
     rng_states,
     safe_load,
+    save_weights,
     set_rng_states,
 )
 
-REQUIRED_KEYS = {"fingerprint", "state", "rng"}
+REQUIRED_KEYS = {"state", "rng"}
 
 
 def fingerprint(**what) -> str:
@@ -47,7 +47,7 @@ def save_state(path: Path, tag: str, state: dict) -> None:
     """Write ``state`` with fingerprint ``tag`` and every process's RNG states; returns once the file is there."""
     rngs = D.gather_objects(rng_states())
     if D.is_main():
-        atomic_torch_save({"fingerprint": tag, "state": state, "rng": rngs}, path)
+        save_weights(path, "state", {"state": state, "rng": rngs}, tag)
     D.barrier()
 
 
@@ -59,7 +59,7 @@ def load_state(path: Path | None, tag: str) -> dict | None:
     saved = None
     if D.is_main() and path is not None and Path(path).exists():
         try:
-            saved = load_verified(path, tag, REQUIRED_KEYS)
+            saved = load_verified(path, "state", tag, REQUIRED_KEYS)
         except CheckpointError:
             saved = None
     if not D.broadcast_from_main(saved is not None):

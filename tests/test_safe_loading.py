@@ -138,3 +138,29 @@ def test_an_evaluation_state_round_trips_under_safe_loading(tmp_path):
     state = load_state(path, "tag")
     assert state["epoch"] == 2 and state["accs"] == [1.0, 2.0] and torch.equal(state["fc"]["weight"], fc.weight)
     json.dumps(state["optimizer"]["param_groups"])  # plain data
+
+
+def test_every_weight_file_is_one_envelope_and_kinds_do_not_mix(tmp_path):
+    """Checkpoints, evaluation states and backbone files are written by one ``save_weights`` in one envelope
+    (format, fingerprint, payload) and read by one ``load_weights``, which refuses a file of another kind, one
+    without the keys its reader needs, or one written for another run; files from before the envelope still load."""
+    from replicate.runtime.checkpoint import FORMATS, WeightsFileError, load_weights, save_weights
+    from replicate.study.export import save_backbone
+
+    cfg = SMOKE.resolve(Setting())
+    save_state(tmp_path / "state.pt", "tag1", {"epoch": 3})
+    save_backbone(tmp_path / "backbone.pt", build_vit(cfg), cfg.model_dump(mode="json"))
+    save_weights(tmp_path / "ckpt.pt", "checkpoint", {"step": 1}, "tag2")
+    for name, kind in (("state.pt", "state"), ("backbone.pt", "backbone"), ("ckpt.pt", "checkpoint")):
+        assert torch.load(tmp_path / name, weights_only=True)["format"] == FORMATS[kind]
+        others = [k for k in FORMATS if k != kind]
+        for other in others:
+            with pytest.raises(WeightsFileError, match=f"not a {FORMATS[other]} file"):
+                load_weights(tmp_path / name, other)
+    assert load_state(tmp_path / "state.pt", "tag1") == {"epoch": 3}
+    with pytest.raises(WeightsFileError, match="written for a different configuration"):
+        load_weights(tmp_path / "ckpt.pt", "checkpoint", {"step"}, "another")
+    with pytest.raises(WeightsFileError, match="not a replicate-checkpoint/1 file"):
+        load_weights(tmp_path / "ckpt.pt", "checkpoint", {"step", "model"})
+    torch.save({"fingerprint": "tag3", "backbone": {}}, tmp_path / "old_cache.pt")  # the transfer cache before
+    assert load_weights(tmp_path / "old_cache.pt", "backbone", {"backbone"}, "tag3")["backbone"] == {}

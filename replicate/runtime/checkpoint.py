@@ -87,46 +87,69 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# ---- the suite's weight files: one envelope, one writer, one reader ------------------------------------------------
+# Three kinds, one layout: {"format": FORMATS[kind], "fingerprint": <what the file must match, or None>, **payload}.
+# - checkpoint: a pretraining run's everything (``save_checkpoint``), resumed by the trainer;
+# - state: an evaluation's or a finished pretraining's state and RNGs (``evals.resume``), resumed after a crash;
+# - backbone: a ViT's weights and the config that built it (a row's ``seed<K>.backbone.pt``, the transfer cache).
+FORMATS = {"checkpoint": "replicate-checkpoint/1", "state": "replicate-state/1", "backbone": "replicate-backbone/1"}
+
+
+class WeightsFileError(ValueError):
+    """A weight file that cannot be used here; ``str(e)`` says why in a few words."""
+
+
+def save_weights(path, kind: str, payload: dict, fingerprint: str | None = None) -> None:
+    """Write one of the suite's weight files, atomically (a crash never leaves half a file under the final name)."""
+    atomic_torch_save({"format": FORMATS[kind], "fingerprint": fingerprint, **payload}, path)
+
+
+def load_weights(path, kind: str, required: set[str] = frozenset(), fingerprint: str | None = None) -> dict:
+    """Read one of the suite's weight files (``safe_load``: plain data only) and check it: its kind, the keys its
+    reader needs, and, when ``fingerprint`` is given, that it was written for exactly that run. Files written before
+    the envelope (no ``format`` key) are accepted when they hold the keys. ``WeightsFileError`` says why not."""
+    try:
+        obj = safe_load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is treated the same way
+        raise WeightsFileError(load_problem(e)) from None
+    if not isinstance(obj, dict) or obj.get("format", FORMATS[kind]) != FORMATS[kind] or not required <= obj.keys():
+        raise WeightsFileError(f"not a {FORMATS[kind]} file of this suite")
+    if fingerprint is not None and obj.get("fingerprint") != fingerprint:
+        started = obj.get("precision")
+        raise WeightsFileError(f"started with {started} matmuls, and this process multiplies in {this_precision()} "
+                               f"($REPLICATE_CPU_MATMUL): a run must not mix them"
+                               if started not in (None, this_precision()) else "written for a different configuration")
+    return obj
+
+
 def save_checkpoint(path, cfg: RunConfig, model, optimizer, monitor, step: int, wall_time_s: float) -> None:
-    atomic_torch_save({
-        "fingerprint": config_fingerprint(cfg), "step": step, "wall_time_s": wall_time_s,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "monitor": monitor.state_dict(),
-        "rng": rng_states(), "precision": this_precision(),
-    }, path)
+    save_weights(path, "checkpoint", {
+        "step": step, "wall_time_s": wall_time_s, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "monitor": monitor.state_dict(), "rng": rng_states(), "precision": this_precision(),
+    }, config_fingerprint(cfg))
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-REQUIRED_KEYS = {"fingerprint", "step", "wall_time_s", "model", "optimizer", "monitor", "rng"}
+REQUIRED_KEYS = {"step", "wall_time_s", "model", "optimizer", "monitor", "rng"}
 
 
 def load_checkpoint(path, cfg: RunConfig) -> dict:
     """Load a checkpoint written for exactly this config. A corrupt or foreign file is moved aside (never used)
     with a warning, and a CheckpointError tells the caller to start from scratch."""
-    return load_verified(path, config_fingerprint(cfg), REQUIRED_KEYS)
+    return load_verified(path, "checkpoint", config_fingerprint(cfg), REQUIRED_KEYS)
 
 
-def load_verified(path, fingerprint: str, required: set[str]) -> dict:
-    """``load_checkpoint`` for any checkpoint holding ``required`` keys, one of them ``fingerprint``."""
+def load_verified(path, kind: str, fingerprint: str, required: set[str]) -> dict:
+    """``load_weights`` for a file a run resumes from: one that fails is moved aside as ``<name>.bad`` with a
+    warning, and a CheckpointError tells the caller to start from scratch."""
     path = Path(path)
-    reason = None
     try:
-        state = safe_load(path)
-        if not isinstance(state, dict) or not required <= state.keys():
-            reason = "not a checkpoint of this suite"
-        elif state["fingerprint"] != fingerprint:
-            started = state.get("precision")
-            reason = (f"started with {started} matmuls, and this process multiplies in {this_precision()} "
-                      f"($REPLICATE_CPU_MATMUL): a run must not mix them" if started not in (None, this_precision())
-                      else "written for a different configuration")
-    except Exception as e:  # noqa: BLE001 - any unreadable file is treated the same way
-        reason = load_problem(e)
-    if reason:
+        return load_weights(path, kind, required, fingerprint)
+    except WeightsFileError as e:
         bad = path.with_suffix(path.suffix + ".bad")
         os.replace(path, bad)
-        print(f"warning: checkpoint {path} is {reason}; moved to {bad.name}, starting from scratch",
-              file=sys.stderr)
-        raise CheckpointError(reason)
-    return state
+        print(f"warning: checkpoint {path} is {e}; moved to {bad.name}, starting from scratch", file=sys.stderr)
+        raise CheckpointError(str(e)) from None

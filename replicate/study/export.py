@@ -25,12 +25,12 @@ from torch import nn
 
 from replicate.core.config import RunConfig
 from replicate.core.model import timm_vit_kwargs
-from replicate.runtime.checkpoint import atomic_torch_save, load_problem, safe_load
+from replicate.runtime.checkpoint import FORMATS, WeightsFileError, atomic_torch_save, load_weights, save_weights
 from replicate.study.profiles import Profile
 from replicate.study.results import DEFAULT_ROOT, CurrentConfigs, ResultsError, ResultStore
 from replicate.study.spec import Spec, SpecError, check_profile
 
-BACKBONE_FORMAT = "replicate-backbone/1"
+BACKBONE_FORMAT = FORMATS["backbone"]
 MOCO_PREFIX = "module.base_encoder."  # the official MoCo wrapper under DistributedDataParallel
 EXPORT_FORMATS = ("timm", "moco-v3")
 
@@ -42,8 +42,8 @@ def backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_backbone(path: Path, backbone: nn.Module, config: dict) -> None:
-    """Write a row's backbone file (atomically: a crash never leaves half a file under the final name)."""
-    atomic_torch_save({"format": BACKBONE_FORMAT, "backbone": backbone_state(backbone), "config": config}, path)
+    """Write a row's backbone file (``save_weights``: atomically, in the suite's one envelope)."""
+    save_weights(path, "backbone", {"backbone": backbone_state(backbone), "config": config})
 
 
 def keep_backbone(store: ResultStore, where: tuple[str, str, int], record: dict, backbone: nn.Module | None) -> None:
@@ -94,12 +94,11 @@ def read_backbone_file(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], R
     """A ``seed<K>.backbone.pt``'s state dict and config (``safe_load``: plain data only); an unreadable or damaged
     file is a one-line ResultsError naming it, with ``fix`` (the command that writes it again)."""
     try:
-        state = safe_load(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
-        raise ResultsError(f"backbone file {path} is {load_problem(e)}; write it again: {fix}") from None
-    if (not isinstance(state, dict) or state.get("format") != BACKBONE_FORMAT
-            or not isinstance(state.get("backbone"), dict) or not isinstance(state.get("config"), dict)):
-        raise ResultsError(f"backbone file {path} is not a {BACKBONE_FORMAT} file; write it again: {fix}")
+        state = load_weights(path, "backbone", {"format", "backbone", "config"})
+    except WeightsFileError as e:
+        raise ResultsError(f"backbone file {path} is {e}; write it again: {fix}") from None
+    if not isinstance(state["backbone"], dict) or not isinstance(state["config"], dict):
+        raise ResultsError(f"backbone file {path} is not a {BACKBONE_FORMAT} file of this suite; write it again: {fix}")
     return state["backbone"], stored_config(state["config"], path)
 
 

@@ -33,7 +33,7 @@ from evals.transfer import load_target, pretraining_config
 from replicate.core import distributed as D
 from replicate.core.config import RunConfig
 from replicate.core.data import is_tensor_dataset, load_tensor_dataset
-from replicate.runtime.checkpoint import atomic_torch_save, config_fingerprint, load_problem, safe_load
+from replicate.runtime.checkpoint import WeightsFileError, config_fingerprint, load_weights, save_weights
 from replicate.runtime.trainer import pretrain
 from replicate.study.profiles import Profile
 
@@ -84,21 +84,17 @@ def initial_backbone(cfg: RunConfig, data_root: str | None, ckpt_path: Path | No
     init = cfg.setting.init
     if init == "random":
         return None
-    cache = backbone_cache(ckpt_path)
+    cache, tag = backbone_cache(ckpt_path), config_fingerprint(cfg)
     if cache is not None and cache.exists():
         try:
-            saved = safe_load(cache)
-        except Exception as e:  # noqa: BLE001 - a damaged cache is computed again
-            saved = None
+            return load_weights(cache, "backbone", {"backbone"}, tag)["backbone"]
+        except WeightsFileError as e:  # damaged, or another config's: computed again
             if D.is_main():
-                print(f"warning: cached backbone {cache} is {load_problem(e)}; computing it again", file=sys.stderr,
-                      flush=True)
-        if isinstance(saved, dict) and saved.get("fingerprint") == config_fingerprint(cfg):
-            return saved["backbone"]
+                print(f"warning: cached backbone {cache} is {e}; computing it again", file=sys.stderr, flush=True)
     state = (moco_backbone(cfg, data_root, ckpt_path, progress) if init == "pretrained"
              else supervised_backbone(cfg, data_root, progress))
     if cache is not None and D.is_main():
-        atomic_torch_save({"fingerprint": config_fingerprint(cfg), "backbone": state}, cache)
+        save_weights(cache, "backbone", {"backbone": state, "config": cfg.model_dump(mode="json")}, tag)
     return state
 
 
