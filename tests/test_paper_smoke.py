@@ -79,12 +79,13 @@ def test_a_crash_in_the_probe_resumes_the_probe_not_the_pretraining(tmp_path, mo
 def test_a_batch_beyond_an_image_folder_is_refused_before_any_write(tmp_path):
     """ImageFolder data is counted (as far as the largest batch) before anything is written: 8 images cannot feed
     paper-smoke's 16 images per step."""
+    from replicate.study.results import CurrentConfigs
     from replicate.study.runner import check_inputs
 
     data = tmp_path / "data"
     synthetic_main([str(data), "--train-per-class", "2", "--val-per-class", "1"])
     spec = load_spec(find_spec("table5"))
     with pytest.raises(Exception, match=r"16 images per step at profile paper-smoke, more than its 8 training images"):
-        check_inputs(spec, PAPER_SMOKE, str(data))
+        check_inputs(CurrentConfigs(spec, PAPER_SMOKE), str(data))
     synthetic_main([str(data / "big"), "--train-per-class", "4", "--val-per-class", "1"])
-    check_inputs(spec, PAPER_SMOKE, str(data / "big"))  # 16 images: one full batch
+    check_inputs(CurrentConfigs(spec, PAPER_SMOKE), str(data / "big"))  # 16 images: one full batch

@@ -136,9 +136,10 @@ def plot_grad(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
     return True
 
 
-def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], path: Path) -> bool:
+def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], path: Path,
+                targets: tuple[str, ...] | None = None) -> bool:
     """Paper Δ beside ours Δ (vs each row's baseline), one pair of bars per compared row."""
-    metrics = metric_keys(spec, records, store.profile)
+    metrics = metric_keys(spec, records, targets)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     labels, paper, ours, errs = [], [], [], []
     for row in spec.rows:
@@ -175,14 +176,15 @@ def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], 
     return True
 
 
-def write_figures(spec: Spec, store: ResultStore, records: dict[str, list[dict]]) -> list[str]:
+def write_figures(spec: Spec, store: ResultStore, records: dict[str, list[dict]],
+                  targets: tuple[str, ...] | None = None) -> list[str]:
     """Write the table's figures next to its markdown; return the lines that embed them."""
     out_dir = store.profile_dir
     made = []
     for suffix, caption, plot in (
         ("knn", "kNN monitor accuracy during pretraining", lambda p: plot_knn(spec, records, p)),
         ("grad", "first- vs last-layer relative gradient magnitude", lambda p: plot_grad(spec, records, p)),
-        ("delta", "paper Δ vs ours Δ", lambda p: plot_deltas(spec, store, records, p)),
+        ("delta", "paper Δ vs ours Δ", lambda p: plot_deltas(spec, store, records, p, targets)),
     ):
         name = f"{spec.key}_{suffix}.png"
         if plot(out_dir / name):

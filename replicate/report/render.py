@@ -38,7 +38,7 @@ from replicate.report.stats import (
 from replicate.report.verdicts import COMPARED, Kind, Verdict, verdict
 from replicate.runtime.atomic import WriteError, atomic_write_text
 from replicate.runtime.instability import aggregate, record_summary
-from replicate.study.profiles import PROFILES, Profile, get_profile
+from replicate.study.profiles import PROFILES, Profile
 from replicate.study.results import DEFAULT_ROOT, ResultStore, StudyRecords, UnreadableFile, last_run
 from replicate.study.spec import Row, Spec, SpecError, all_specs, find_spec, load_spec
 
@@ -80,11 +80,11 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False, study: Stu
     records = study.shown()
     unreadable = unreadable_rows(study, warn=True)
     stale = study.stale(records)
-    metrics = metric_keys(spec, records, store.profile)
+    metrics = metric_keys(spec, records, study.targets)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     transfer = spec.kind == "transfer"
     monitored = spec.kind == "pretrain"  # fine-tuning rows have no pretraining monitor curves to summarise
-    verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, store.profile)}
+    verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, study.targets)}
     rows_out = []
     for row in spec.rows:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
@@ -126,8 +126,8 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False, study: Stu
     if unreadable:
         lines += [f"**Unreadable** result files ({', '.join(f'{r}/{n}' for r, ns in unreadable.items() for n in ns)}) "
                   "are left out of their rows: restore them or re-run those rows with `replicate run`.", ""]
-    lines += _footer(spec, store, transfer, records)
-    figures = _figures(spec, store, records) if write and records else []
+    lines += _footer(spec, store, transfer, records, study.targets)
+    figures = _figures(spec, store, records, study.targets) if write and records else []
     lines += figures
     text = "\n".join(lines)
     if write and records:
@@ -160,10 +160,10 @@ def _instability_cells(ours: RowStats) -> list[str]:
     return [dips, f"{agg['max_depth']:.1f}", f"{agg['spikes_first']:.3g} / {agg['spikes_last']:.3g}", lead]
 
 
-def _figures(spec: Spec, store: ResultStore, records: dict) -> list[str]:
+def _figures(spec: Spec, store: ResultStore, records: dict, targets: tuple[str, ...] | None) -> list[str]:
     """The PNG figures under a table (replicate/report/figures.py), written next to its markdown."""
 
-    return write_figures(spec, store, records)
+    return write_figures(spec, store, records, targets)
 
 
 def _precision_line(records: dict) -> list[str]:
@@ -175,12 +175,12 @@ def _precision_line(records: dict) -> list[str]:
             + " (docs/performance.md, CPU precision).", ""]
 
 
-def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> list[str]:
+def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict, targets: tuple[str, ...] | None) -> list[str]:
     lines = _precision_line(records)
     if transfer:
-        targets = ", ".join(get_profile(store.profile).transfer_targets)
+        names = ", ".join(metric_keys(spec, records, targets))
         lines += [f"Paper Δ: mean over the paper's targets known for both rows. Ours Δ: mean over our targets "
-                  f"({targets}). At reduced scale the targets differ from the paper's by design.", ""]
+                  f"({names}). At reduced scale the targets differ from the paper's by design.", ""]
     if spec.kind == "finetune":
         lines += [f"Top-1 after end-to-end fine-tuning on the pretraining data's own labels; each row's recipe at this "
                   f"profile: `replicate show {spec.name} --profile {store.profile}`.", ""]
@@ -202,7 +202,7 @@ def _footer(spec: Spec, store: ResultStore, transfer: bool, records: dict) -> li
     if spec.notes:
         lines += [f"Notes: {spec.notes}", ""]
     lines += _setting_line(spec, store, records)
-    if not transfer and "linear" in metric_keys(spec, records, store.profile):
+    if not transfer and "linear" in metric_keys(spec, records, targets):
         lines += ["Linear: top-1 after the probe's last epoch; `linear_best`, where shown, is its best epoch's (the "
                   "number the official `main_lincls.py` reports).", ""]
     lines += ["Verdict: our Δ vs the paper's Δ, with noise = 2 standard errors of our Δ, the rows paired by seed "
@@ -229,11 +229,12 @@ def _setting_line(spec: Spec, store: ResultStore, records: dict) -> list[str]:
             f"--profile {store.profile}`.", ""]
 
 
-def row_verdicts(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[tuple[Row, Verdict, int]]:
+def row_verdicts(spec: Spec, records: dict[str, list[dict]],
+                 targets: tuple[str, ...] | None) -> list[tuple[Row, Verdict, int]]:
     """Every compared row of a study (baseline rows left out), from ``StudyRecords.shown()``: its verdict as
     ``render_table`` writes it (it takes them from here), and the fewest seeds on either side of the comparison for
-    the metric the verdict is taken on (0: not run)."""
-    metrics = metric_keys(spec, records, profile)
+    the metric the verdict is taken on (0: not run). ``targets``: the profile's transfer targets (``metric_keys``)."""
+    metrics = metric_keys(spec, records, targets)
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     out = []
     for row in spec.rows:
@@ -270,8 +271,8 @@ def rerun_report(profile: Profile, results: str | Path | None = None,
         if missing:
             pending.append(f"{spec.name} ({len(missing)} of {len(spec.rows)}"
                            + (f": {', '.join(missing)})" if current else ")"))
-        verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, profile.name)}
-        metrics = metric_keys(spec, records, profile.name)
+        verdicts = {row.name: str(v) for row, v, _ in row_verdicts(spec, records, profile.transfer_targets)}
+        metrics = metric_keys(spec, records, profile.transfer_targets)
         for row in spec.rows:
             if row.name not in current:
                 continue
@@ -301,7 +302,7 @@ def read_studies(profile: Profile, results: str | Path | None = None) -> dict[st
 
 def study_verdicts(study: StudyRecords, profile: Profile) -> tuple[list, Counter]:
     """A study's row verdicts as its rendered table gives them, and their counts by kind (``other``: no verdict)."""
-    verdicts = row_verdicts(study.spec, study.shown(), profile.name)
+    verdicts = row_verdicts(study.spec, study.shown(), profile.transfer_targets)
     return verdicts, Counter(v.kind if v.kind in COMPARED else "other" for _, v, _ in verdicts)
 
 

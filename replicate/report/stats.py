@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import statistics
 
-from replicate.study.profiles import get_profile
 from replicate.study.spec import Row, Spec
 
 DASH = "—"
@@ -63,10 +62,11 @@ class RowStats:
         return s
 
 
-def metric_keys(spec: Spec, records: dict[str, list[dict]], profile: str) -> list[str]:
-    """Primary metric first (the paper's), then any other metric our results carry."""
-    if spec.kind == "transfer":
-        return list(get_profile(profile).transfer_targets)
+def metric_keys(spec: Spec, records: dict[str, list[dict]], targets: tuple[str, ...] | None = None) -> list[str]:
+    """Primary metric first (the paper's), then any other metric our results carry. A transfer study's metrics are
+    its profile's ``targets`` (None for a profile not known here: the targets its results carry)."""
+    if spec.kind == "transfer" and targets is not None:
+        return list(targets)
     found = []
     for recs in records.values():
         for r in recs:

@@ -209,9 +209,10 @@ class StudyRecords:
     the profile is not known here: then no run is judged stale)."""
 
     def __init__(self, spec, store: "ResultStore", profile=None):
-        self.spec, self.store = spec, store
+        self.spec, self.store, self.profile = spec, store, profile
         self.records, self.unreadable = store.scan(spec.key)
         self.current = CurrentConfigs(spec, profile) if profile is not None else None
+        self.targets = profile.transfer_targets if profile is not None else None  # a transfer study's metrics
 
     def shown(self) -> dict[str, list[dict]]:
         """The runs a study's table shows, per row: once a row's re-run has begun, only its runs made with the

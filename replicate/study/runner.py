@@ -105,10 +105,8 @@ def baseline_key(cfg: RunConfig) -> dict:
                                          "patch_size", "knn_k", "knn_t", "linear_epochs")}
 
 
-def compute_baselines(profile: Profile, spec: Spec, data_root: str | None) -> dict:
-    """kNN/linear on raw pixels and on a randomly initialised backbone (the reference row's), same splits."""
-
-    cfg = profile.resolve(spec.setting(spec.row(spec.reference)))
+def compute_baselines(cfg: RunConfig, data_root: str | None) -> dict:
+    """kNN/linear on raw pixels and on a randomly initialised backbone (``cfg``: the reference row's), same splits."""
     train, test = eval_splits(cfg, data_root)
     torch.manual_seed(0)
     rand = build_vit(cfg)
@@ -198,16 +196,22 @@ def backbone_readable(store: ResultStore, twin: dict, log, head: str) -> bool:
     return True
 
 
-def check_inputs(spec: Spec, profile: Profile, data_root: str | None) -> None:
+def check_inputs(current: CurrentConfigs, data_root: str | None) -> None:
     """Everything a run reads must be there before anything is written: a DataError here leaves no trace, nor does
-    a row whose batch exceeds the data (an ImageFolder is counted only as far as the largest batch)."""
-    cfg = profile.resolve(spec.setting(spec.row(spec.reference)))
+    a row whose batch exceeds the data (an ImageFolder is counted only as far as the largest batch). ``current``:
+    the study's rows as the run resolves them."""
+    spec, profile = current.spec, current.profile
+    cfg = current.config(spec.row(spec.reference))
+
+    def batch_of(row) -> int:
+        return current.config(row).batch_size
+
     if is_tensor_dataset(cfg.dataset):
-        check_batch_fits(spec, profile, len(pretraining_split(cfg, data_root)))
+        check_batch_fits(spec, profile, batch_of, len(pretraining_split(cfg, data_root)))
     else:
         train, _ = imagenet_folder(data_root, "train"), imagenet_folder(data_root, "val")
-        largest = max(profile.resolve(spec.setting(row)).batch_size for row in spec.rows)
-        check_batch_fits(spec, profile, count_folder_images(train, at_most=largest))
+        largest = max(batch_of(row) for row in spec.rows)
+        check_batch_fits(spec, profile, batch_of, count_folder_images(train, at_most=largest))
 
 
 # the README's line on CPU precision, named by the refusal below
@@ -253,7 +257,7 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
     current = CurrentConfigs(spec, profile)  # each (row, seed) resolved once for the whole run
     if D.is_main():
         store.check_writable()
-        check_inputs(spec, profile, data_root)
+        check_inputs(current, data_root)
         if not force:
             check_precision(current, store, precision)
         store.claim(spec.key, spec.source)
@@ -263,11 +267,12 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
             baselines = store.load_baselines()
         except UnreadableFile as e:  # derived data: computed again below, and said so
             log(f"[{profile.name}] baselines {e.path} unreadable ({e.why}): computing them again")
-    now = baseline_key(current.config(spec.row(spec.reference)))
+    reference = current.config(spec.row(spec.reference))  # resolved once: baselines, their key, the inputs check
+    now = baseline_key(reference)
     if (spec.kind == "pretrain" and is_tensor_dataset(profile.dataset) and D.is_main()
             and (baselines is None or baselines.get("depends_on") != now)):
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
-        store.save_baselines(compute_baselines(profile, spec, data_root))
+        store.save_baselines(compute_baselines(reference, data_root))
     jobs = [(row, seed) for row in spec.rows for seed in (range(seeds) if isinstance(seeds, int) else seeds)]
     eta = StudyEta(sum(force or not _stored_and_kept(store, current, row, seed, keep_stale)
                        for row, seed in jobs) if D.is_main() else 0)

@@ -292,10 +292,11 @@ def key_path(spec: Spec, i: int, key: str) -> str:
     return f"rows[{i}] ({row.name}): {key} (its default)"
 
 
-def check_batch_fits(spec: Spec, profile, train_images: int) -> None:
-    """No row's batch at ``profile`` exceeds the ``train_images`` it pretrains on (an epoch would have no step)."""
+def check_batch_fits(spec: Spec, profile, batch_of, train_images: int) -> None:
+    """No row's batch at ``profile`` (``batch_of(row)``, as the run resolved it) exceeds the ``train_images`` it
+    pretrains on (an epoch would have no step)."""
     for i, row in enumerate(spec.rows):
-        batch = profile.resolve(spec.setting(row)).batch_size
+        batch = batch_of(row)
         if batch > train_images:
             raise SpecError(f"{spec.path}: {key_path(spec, i, 'batch_size')}: {spec.setting(row).batch_size} gives "
                             f"{batch} images per step at profile {profile.name}, more than its {train_images} "
