@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from replicate.core import datapaths
 from replicate.core.datapaths import FMNIST_FILES, find_idx
@@ -235,8 +236,6 @@ def imagenet_folder(data_root: str | None, split: str):
 def count_folder_images(path: Path, at_most: int) -> int:
     """The images torchvision's ImageFolder would find under ``path`` (class folders, its extensions), counting
     stops at ``at_most``: enough to tell whether a batch fits without listing 1.28M files first."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision loads slowly; only ImageFolder runs need it
-
     n = 0
     for class_dir in sorted(p for p in path.iterdir() if p.is_dir()):
         for _, _, files in os.walk(class_dir, followlinks=True):
