@@ -197,20 +197,25 @@ def readme_with_results(readme: str, studies: dict[str, StudyRecords] | None = N
     return with_block(readme, "results-aligned", verdict_totals(ALIGNED_PROFILE, aligned or read_studies(ALIGNED_PROFILE)))
 
 
-def reduced_doc(text: str, studies: dict[str, StudyRecords] | None = None) -> str:
-    """docs/reduced-scale.md with its measured blocks regenerated from the committed runs (``studies``: the aligned
-    profile's, read once; the blocks measure it, the profile these sections chose and then replaced)."""
+def reduced_doc(text: str, studies: dict[str, StudyRecords] | None = None,
+                v3: dict[str, StudyRecords] | None = None) -> str:
+    """docs/reduced-scale.md with its measured blocks regenerated from the committed runs, each study's runs read
+    once: ``studies``, the aligned profile's (the blocks of the sections that chose it, then replaced it), and
+    ``v3``, the reduced profile's (stage v3-3)."""
     studies = studies or read_studies(ALIGNED_PROFILE)
+    v3 = v3 or read_studies(README_PROFILE)
     text = with_block(text, "calibration", report(), REDUCED_DOC.name)
     text = with_block(text, "studies", rerun_report(ALIGNED_PROFILE, studies=studies), REDUCED_DOC.name)
-    return with_block(text, "instability", instability_report(studies), REDUCED_DOC.name)
+    text = with_block(text, "instability", instability_report(studies), REDUCED_DOC.name)
+    text = with_block(text, "studies-v3", rerun_report(README_PROFILE, studies=v3), REDUCED_DOC.name)
+    return with_block(text, "instability-v3", instability_report(v3), REDUCED_DOC.name)
 
 
 def wanted() -> dict[Path, str]:
     """Every generated file and the text it should have; the committed results are read once for all of them."""
     studies, aligned = read_studies(README_PROFILE), read_studies(ALIGNED_PROFILE)
     return {SPEC_DOC: spec_format(), README: readme_with_results(README.read_text(), studies, aligned),
-            REDUCED_DOC: reduced_doc(REDUCED_DOC.read_text(), aligned)}
+            REDUCED_DOC: reduced_doc(REDUCED_DOC.read_text(), aligned, studies)}
 
 
 def main(argv: list[str] | None = None) -> int:
