@@ -20,9 +20,12 @@ View 1: blur p=1.0. View 2: blur p=0.1, solarize p=0.2. Both: crop, flip p=0.5, 
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
+from PIL import ImageFilter, ImageOps
+from torchvision import transforms as T
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params: 10 candidates, then the whole image (a square one)
 
@@ -193,8 +196,6 @@ class TwoPilCrops:
     workers started by spawn or forkserver can unpickle it."""
 
     def __init__(self, image_size: int, crop_min: float):
-        from torchvision import transforms as T
-
         self.crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(),
                                T.PILToTensor()])
 
@@ -208,15 +209,11 @@ def two_view_pil_crops(image_size: int, crop_min: float) -> TwoPilCrops:
 
 def two_view_pil_transforms(image_size: int, crop_min: float):
     """The official ``main_moco.py`` augmentation (BYOL asymmetric), per PIL image, for ImageFolder data."""
-    from PIL import ImageFilter, ImageOps
-    from torchvision import transforms as T
-
     class GaussianBlur:
         def __init__(self, sigma=(0.1, 2.0)):
             self.sigma = sigma
 
         def __call__(self, img):
-            import random
             return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
 
     class Solarize:
@@ -238,7 +235,5 @@ def two_view_pil_transforms(image_size: int, crop_min: float):
 
 
 def eval_pil_transform(image_size: int):
-    from torchvision import transforms as T
-
     return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
                       T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])

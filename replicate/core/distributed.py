@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dfn
 from torch import nn
 
 # torch.distributed.nn.functional is deprecated in favour of the private _functional_collectives, whose backward
@@ -158,7 +159,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather that back-propagates into every process's slice (needed by SimCLR's negatives)."""
     if not is_dist():
         return x
-    import torch.distributed.nn.functional as dfn
 
     return torch.cat(dfn.all_gather(x.contiguous()))
 
@@ -191,7 +191,6 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_dist()):
             return super().forward(x)
-        import torch.distributed.nn.functional as dfn
 
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from replicate.report.stats import RowStats, _delta, _mean_delta, metric_keys, paper_delta, verdict_noise
@@ -78,7 +79,6 @@ def plot_knn(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
     if any(len(recs) > 1 for _, recs in rows):  # the faint lines: one legend entry for all of them
-        from matplotlib.lines import Line2D
 
         low = min(r.get("seed", 0) for _, recs in rows for r in recs)
         handles.append(Line2D([], [], color="gray", lw=1.2, alpha=0.3,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from replicate.core import distributed as D
@@ -203,9 +204,6 @@ class FolderBatches:
     """
 
     def __init__(self, cfg: RunConfig, data_root: str | None, device: torch.device):
-        from torchvision.datasets import ImageFolder
-
-
         train = imagenet_folder(data_root, "train")
         folder = ImageFolder(str(train), transform=two_view_pil_crops(cfg.image_size, cfg.crop_min))
         if len(folder.classes) > cfg.num_classes:

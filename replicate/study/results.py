@@ -24,6 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
+import numpy
+import timm
+import torch
+
 from replicate.core.config import RunConfig, Setting
 from replicate.runtime.atomic import atomic_open, atomic_write_text, create_exclusive
 from replicate.runtime.checkpoint import NOT_FINGERPRINTED  # when a run saves, not what it computes
@@ -45,9 +50,6 @@ def run_results_root(root: str | Path | None) -> Path:
     whose results are kept apart from the fp32 ones (README, CPU precision)."""
     if root:
         return Path(root)
-    import torch
-
-
     if not torch.cuda.is_available() and cpu_matmul_precision() == "bf16":
         return DEFAULT_ROOT / BF16_RESULTS
     return DEFAULT_ROOT
@@ -266,12 +268,6 @@ def config_changes(stored: dict | None, current: dict) -> list[str]:
 
 
 def provenance(device: str) -> dict:
-    import faiss
-    import numpy
-    import timm
-    import torch
-
-
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
