@@ -214,7 +214,11 @@ class StudyRecords:
         self.spec, self.store, self.profile = spec, store, profile
         self.records, self.unreadable = store.scan(spec.key)
         self.current = CurrentConfigs(spec, profile) if profile is not None else None
-        self.targets = profile.transfer_targets if profile is not None else None  # a transfer study's metrics
+
+    @property
+    def targets(self) -> tuple[str, ...] | None:
+        """A transfer study's metrics: its profile's transfer targets (None where the profile is not known here)."""
+        return self.profile.transfer_targets if self.profile is not None else None
 
     def shown(self) -> dict[str, list[dict]]:
         """The runs a study's table shows, per row: once a row's re-run has begun, only its runs made with the
