@@ -159,7 +159,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather that back-propagates into every process's slice (needed by SimCLR's negatives)."""
     if not is_dist():
         return x
-
     return torch.cat(dfn.all_gather(x.contiguous()))
 
 
@@ -191,7 +190,6 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_dist()):
             return super().forward(x)
-
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         totals = dfn.all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))

@@ -60,7 +60,6 @@ def eval_splits(cfg: RunConfig, data_root: str | None):
 
 
 def score_features(cfg: RunConfig, train_feats, train_labels, test_feats, test_labels) -> dict[str, float]:
-
     out = {}
     if "knn" in cfg.metrics:
         out["knn"] = knn_accuracy(train_feats, train_labels, test_feats, test_labels, cfg.knn_k, cfg.knn_t)
@@ -87,7 +86,6 @@ def evaluate_backbone(cfg: RunConfig, backbone, data_root: str | None, progress:
 
     out = {}
     if "knn" in cfg.metrics:
-
         train, val = (extract_loader_features(backbone, loader, device) for loader in imagenet_knn_loaders(cfg, data_root))
         out["knn"] = D.broadcast_from_main(knn_accuracy(*train, *val, cfg.knn_k, cfg.knn_t) if D.is_main() else None,
                                            "rank 0's kNN evaluation")
@@ -146,12 +144,10 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
     t0 = time.perf_counter()
     record: dict = {"table": spec.key, "row": row.name, "seed": seed, "profile": profile.name}
     if spec.kind == "transfer":
-
         metrics = run_transfer_row(cfg, profile, data_root, store.checkpoint_path(spec.key, row.name, seed),
                                    progress)
         record.update(status="ok", metrics=metrics, curves=None)
     elif spec.kind == "finetune":
-
         # "_backbone": the pretrained ViT (None from scratch), kept by run_table like a pretraining row's
         record.update(run_finetune_row(cfg, profile, data_root, store, store.checkpoint_path(spec.key, row.name, seed),
                                        progress))
@@ -171,10 +167,8 @@ def run_row(spec: Spec, row: Row, profile: Profile, seed: int, store: ResultStor
                                         probe_ckpt=ckpt.with_suffix(".probe.pt") if folder else None)
         record["metrics"] = metrics if D.is_main() else {}
         if folder:
-
             record["probe_precision"] = "bf16" if probe_bf16() and torch.cuda.is_available() else "fp32"
         if kept is not None:
-
             remove_state(kept)
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     record.update(wall_time_s=round(time.perf_counter() - t0, 1), config=cfg.model_dump(mode="json"),
@@ -345,7 +339,6 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
             before = record.pop("_pretrained_before_s", 0.0)  # a resumed row's pretraining before this process
             eta.finished(time.perf_counter() - t_row)
             if D.is_main():
-
                 keep_backbone(store, (spec.key, row.name, seed), record, backbone)
                 path = store.save(spec.key, row.name, seed, record)
                 store.checkpoint_path(spec.key, row.name, seed).unlink(missing_ok=True)
