@@ -19,7 +19,8 @@ from pathlib import Path
 from replicate.core.model import build_vit
 from replicate.report.calibration import RUNS_ROOT, instability_report, report
 from replicate.report.render import read_studies
-from replicate.runtime.instability import record_summary
+from replicate.report.targets import f3_margins
+from replicate.runtime.instability import record_summary, shows_instability
 from replicate.runtime.monitor import HeldOutKnn
 from replicate.study.profiles import CANDIDATES, REDUCED, Profile, calibration_candidate
 from replicate.study.runner import run_table
@@ -121,7 +122,7 @@ def stage1_report(names: list[str]) -> str:
         b = json.loads(base_file.read_text())
         px, rnd = b["raw_pixels"], b["random_backbone"]
         lin, knn = _mean(r["metrics"]["linear"] for r in recs), _mean(r["metrics"]["knn"] for r in recs)
-        margins = [lin - px["linear"] - 10, knn - px["knn"] - 5, lin - rnd["linear"] - 5, knn - rnd["knn"] - 5]
+        margins = f3_margins(lin, knn, b)
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in recs)} | {lin:.1f} | {knn:.1f} | "
                      f"{px['linear']:.1f} / {px['knn']:.1f} | {rnd['linear']:.1f} / {rnd['knn']:.1f} | "
                      f"{', '.join(f'{m:+.1f}' for m in margins)} | {'met' if min(margins) >= 0 else 'missed'} |")
@@ -129,13 +130,6 @@ def stage1_report(names: list[str]) -> str:
 
 
 LR_SCALES = (10, 20, 40, 80, 160)  # stage v3-2, ascending
-
-
-def _unstable(rec: dict) -> bool:
-    """A dip found by the detector, or a drop still open at the end (docs/reduced-scale.md, stage v3-2 (a))."""
-
-    knn = (record_summary(rec) or {}).get("knn", {})
-    return knn.get("n_dips", 0) > 0 or bool(knn.get("unrecovered"))
 
 
 def stage2_report(base: str) -> str:
@@ -163,8 +157,8 @@ def stage2_report(base: str) -> str:
         diverged = [r for r in hi + lo if r.get("status") != "ok"]
         lin = _mean((r.get("metrics") or {}).get("linear") for r in hi)
         past_peak = best_before is not None and lin is not None and lin <= best_before - 0.5
-        a = all(_unstable(r) for r in hi) or past_peak
-        b = not any(_unstable(r) for r in lo)
+        a = all(shows_instability(r) for r in hi) or past_peak
+        b = not any(shows_instability(r) for r in lo)
         c = not diverged
         lines.append(f"| {scale} | {cells(hi)} | {lin} | {cells(lo)} | {len(diverged)} | {a} | {b} | {c} | "
                      f"{'yes' if a and b and c else 'no'} |")

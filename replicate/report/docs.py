@@ -28,6 +28,7 @@ from pydantic_core import PydanticUndefined
 from replicate.core.config import Setting
 from replicate.report.calibration import instability_report, report
 from replicate.report.render import read_studies, rerun_report, verdict_summary, verdict_totals
+from replicate.report.targets import targets_report
 from replicate.study.profiles import REDUCED, REDUCED_ALIGNED
 from replicate.study.results import StudyRecords
 from replicate.study.spec import TABLES_DIR, Row, Spec
@@ -208,7 +209,9 @@ def reduced_doc(text: str, studies: dict[str, StudyRecords] | None = None,
     text = with_block(text, "studies", rerun_report(ALIGNED_PROFILE, studies=studies), REDUCED_DOC.name)
     text = with_block(text, "instability", instability_report(studies), REDUCED_DOC.name)
     text = with_block(text, "studies-v3", rerun_report(README_PROFILE, studies=v3), REDUCED_DOC.name)
-    return with_block(text, "instability-v3", instability_report(v3), REDUCED_DOC.name)
+    text = with_block(text, "instability-v3", instability_report(v3), REDUCED_DOC.name)
+    text = with_block(text, "targets-v3", targets_report(README_PROFILE, v3), REDUCED_DOC.name)
+    return with_block(text, "targets-aligned", targets_report(ALIGNED_PROFILE, studies), REDUCED_DOC.name)
 
 
 def wanted() -> dict[Path, str]:

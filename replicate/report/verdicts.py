@@ -30,6 +30,7 @@ class Verdict:
     paired: float | None = None  # None: fewer than two seeds common to the row and its baseline
     small_paper_delta: bool = False  # |paper Δ| <= PAPER_NOISE
     metric: str | None = None  # the metric it is taken on, where a table shows several (transfer targets)
+    delta: float | None = None  # our delta on that metric (row mean minus baseline mean), where both ran
 
     def __str__(self) -> str:
         text = self.kind.value
@@ -48,7 +49,7 @@ def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) 
         return Verdict(Kind.NOT_RUN)
     unpaired = unpaired_noise(ours, base, metric)
     if unpaired is None:
-        return Verdict(Kind.ONE_SEED)
+        return Verdict(Kind.ONE_SEED, delta=m_r - m_b)
     paired, noise = paired_noise(ours, base, metric), verdict_noise(ours, base, metric)
     d = m_r - m_b
     if abs(d) <= noise:
@@ -57,4 +58,4 @@ def verdict(paper_d: float | None, ours: RowStats, base: RowStats, metric: str) 
         kind = Kind.REPRODUCES
     else:
         kind = Kind.OPPOSITE
-    return Verdict(kind, unpaired, paired, abs(paper_d) <= PAPER_NOISE)
+    return Verdict(kind, unpaired, paired, abs(paper_d) <= PAPER_NOISE, delta=d)

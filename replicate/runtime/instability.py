@@ -143,6 +143,13 @@ def record_summary(record: dict) -> dict | None:
     return record.get("instability") or summarize(record.get("curves"))
 
 
+def shows_instability(record: dict) -> bool:
+    """A run shows instability when the detector finds a kNN dip or a drop still open at its end (the rule of
+    docs/reduced-scale.md, stage v3-2 (a), and of the v3 instability target)."""
+    knn = (record_summary(record) or {}).get("knn", {})
+    return knn.get("n_dips", 0) > 0 or bool(knn.get("unrecovered"))
+
+
 def aggregate(records: list[dict]) -> dict | None:
     """One row over its seeds: mean dip and spike counts, the deepest dip, the median first-layer lead."""
     sums = [s for s in map(record_summary, records) if s]
