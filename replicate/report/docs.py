@@ -28,7 +28,7 @@ from pydantic_core import PydanticUndefined
 from replicate.core.config import Setting
 from replicate.report.calibration import instability_report, report
 from replicate.report.render import read_studies, rerun_report, verdict_summary, verdict_totals
-from replicate.report.targets import targets_report
+from replicate.report.targets import signal_sentence, targets_report
 from replicate.study.profiles import REDUCED, REDUCED_ALIGNED
 from replicate.study.results import StudyRecords
 from replicate.study.spec import TABLES_DIR, Row, Spec
@@ -194,8 +194,12 @@ def readme_with_results(readme: str, studies: dict[str, StudyRecords] | None = N
                         aligned: dict[str, StudyRecords] | None = None) -> str:
     """The README with its results blocks regenerated from the committed results: the reduced profile's, and the
     aligned profile's it replaced (``studies``, ``aligned``: read once)."""
-    readme = with_block(readme, "results", verdict_summary(README_PROFILE, studies=studies))
-    return with_block(readme, "results-aligned", verdict_totals(ALIGNED_PROFILE, aligned or read_studies(ALIGNED_PROFILE)))
+    studies = studies or read_studies(README_PROFILE)
+    aligned = aligned or read_studies(ALIGNED_PROFILE)
+    readme = with_block(readme, "results", verdict_summary(README_PROFILE, studies=studies) + "\n"
+                        + signal_sentence(README_PROFILE, studies))
+    return with_block(readme, "results-aligned", verdict_totals(ALIGNED_PROFILE, aligned).rstrip() + " "
+                      + signal_sentence(ALIGNED_PROFILE, aligned))
 
 
 def reduced_doc(text: str, studies: dict[str, StudyRecords] | None = None,

@@ -113,11 +113,18 @@ def signal_target(profile: Profile, studies: dict[str, StudyRecords]) -> tuple[s
     rho = float(np.corrcoef(_ranks(ours), _ranks(paper))[0, 1]) if len(rows) > 2 else float("nan")
     pending = complete < len(per_study)
     met = agree >= SIGN_TARGET * len(rows) and counted >= STUDIES_TARGET
-    measured = (f"our Δ has the paper's sign in {agree} of {len(rows)} compared rows ({100 * agree / len(rows):.0f}%; "
+    measured = (f"our Δ has the paper's sign in {agree} of the {len(rows)} rows with a verdict, study 11 aside "
+                f"({100 * agree / len(rows):.0f}%; "
                 f"target >= {100 * SIGN_TARGET:.0f}%), Pearson r = {r:.2f}, Spearman ρ = {rho:.2f}; "
                 f"{counted} of {decided} studies reproduce (target >= {STUDIES_TARGET})"
                 + (f"; {complete} of {len(per_study)} studies complete" if pending else ""))
     return _status(met, pending), measured, "\n".join(lines)
+
+
+def signal_sentence(profile: Profile, studies: dict[str, StudyRecords]) -> str:
+    """The signal target in one sentence, for the README."""
+    status, measured, _ = signal_target(profile, studies)
+    return f"Signal (the paper's sign, studies reproducing; target: docs/reduced-scale.md): {measured} ({status}).\n"
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
