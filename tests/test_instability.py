@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from replicate.report.figures import _attention_rows
 from replicate.report.render import INSTABILITY_HEADERS, render_table
 from replicate.runtime.instability import aggregate, find_dips, find_spikes, spike_lead, summarize
 from replicate.study.profiles import SMOKE
@@ -96,7 +97,9 @@ def synthetic_curves(n_iter: int, dips: list[tuple[int, float]], first_spikes: l
     last = grad_series(n_iter, [t + lag for t in first_spikes], seed + 100)
     series = {"loss": list(np.linspace(9, 7, n_iter)), "grad_first_rel": list(first),
               "grad_last_rel": list(last)}
-    return {"series": series, "knn_steps": steps, "knn_acc": list(acc)}
+    entropy = [[2.6 - 0.1 * b - 0.3 * (i / len(steps)) for b in range(2)] for i in range(len(steps))]
+    return {"series": series, "knn_steps": steps, "knn_acc": list(acc), "attn_entropy": entropy,
+            "attn_max_logit": [[4.0 + 10 * i / len(steps) + b for b in range(2)] for i in range(len(steps))]}
 
 
 def test_summary_is_json_ready_and_aggregates_over_seeds():
@@ -127,10 +130,19 @@ def test_table_columns_and_figures_from_results(tmp_path):
     cells = [c.strip() for c in ref.split("|")]
     dips, depth, spikes, lead = cells[-5:-1]
     assert (dips, spikes, lead) == ("1", "1 / 1", "+30 it") and float(depth) == pytest.approx(6.0, abs=0.8)
-    for kind in ("knn", "grad", "delta"):
+    for kind in ("knn", "grad", "attention", "delta"):
         png = tmp_path / "smoke" / f"{spec.key}_{kind}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
         assert f"]({png.name})" in text  # embedded with a link relative to the table's .md
+
+
+def test_attention_figure_shows_each_rows_seed_with_the_most_dips():
+    spec = load_spec(find_spec("table2"))
+    records = {"lr1.5e-4": [{"seed": s, "curves": synthetic_curves(1000, dips, [], 0, s)}
+                            for s, dips in ((0, []), (1, [(30, 6.0)]), (2, [(30, 6.0)]))],
+               "lr0.5e-4": [{"seed": s, "curves": synthetic_curves(1000, [], [], 0, s)} for s in (1, 0)]}
+    chosen = {row.name: rec["seed"] for row, rec in _attention_rows(spec, records)}
+    assert chosen == {"lr1.5e-4": 1, "lr0.5e-4": 0}  # ties go to the lowest seed
 
 
 @pytest.mark.smoke
@@ -151,7 +163,7 @@ def test_smoke_run_records_instability_and_renders_figures(tmp_path):
     assert {len(v) for v in curves["attn_entropy"]} == {rec["config"]["depth"]}
     text = render_table(spec, store, write=True)
     assert "kNN dips" in text and "grad spikes 1st/last" in text
-    for kind in ("knn", "grad", "delta"):
+    for kind in ("knn", "grad", "attention", "delta"):
         png = tmp_path / "smoke" / f"{spec.key}_{kind}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert f"{spec.key}_knn.png" in (tmp_path / "smoke" / f"{spec.key}.md").read_text()

@@ -1,7 +1,7 @@
 """PNG figures under each rendered table: the kNN monitor curves (paper Figs. 1-3, 5), first- vs last-layer
-gradient magnitude (Fig. 4) and the paper's deltas beside ours.
+gradient magnitude (Fig. 4), per-block attention entropy and maximum logit, and the paper's deltas beside ours.
 
-``write_figures(spec, store, records)`` writes ``<results>/<profile>/tableN_{knn,grad,delta}.png`` (only those
+``write_figures(spec, store, records)`` writes ``<results>/<profile>/tableN_{knn,grad,attention,delta}.png`` (those
 the results can feed) and returns markdown lines that embed them with links relative to ``tableN.md``.
 """
 from __future__ import annotations
@@ -43,17 +43,22 @@ def _iters_per_epoch(rec: dict) -> float | None:
     return rec["iterations"] / epochs if rec.get("iterations") and epochs else None
 
 
+def _by_epoch(recs: list[dict]) -> bool:
+    """Whether runs with different iterations per epoch (batch-size studies) are drawn against epochs, as the
+    paper's Fig. 1, so they line up."""
+    ipes = {_iters_per_epoch(r) for r in recs}
+    return len(ipes) > 1 and None not in ipes
+
+
 def plot_knn(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
     """kNN monitor accuracy vs iteration for every row: lowest seed solid, other seeds faint, dips marked.
 
-    Rows with different iterations per epoch (batch-size studies) are drawn against epochs instead, as the
-    paper's Fig. 1, so the runs line up."""
+    Rows with different iterations per epoch are drawn against epochs instead (``_by_epoch``)."""
     rows = [(row, _with_curves(records.get(row.name, []))) for row in spec.rows]
     rows = [(row, recs) for row, recs in rows if recs and recs[0]["curves"].get("knn_steps")]
     if not rows:
         return False
-    ipes = {_iters_per_epoch(r) for _, recs in rows for r in recs}
-    by_epoch = len(ipes) > 1 and None not in ipes
+    by_epoch = _by_epoch([r for _, recs in rows for r in recs])
     fig, ax = plt.subplots(figsize=(9, 4.2), layout="constrained")
     colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors
     for i, (row, recs) in enumerate(rows):
@@ -136,6 +141,60 @@ def plot_grad(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
     return True
 
 
+def _attention_rows(spec: Spec, records: dict[str, list[dict]]) -> list[tuple]:
+    """(row, record) for every row with attention diagnostics, in the gradient figure's order: its seed with the
+    most kNN dips, the lowest seed on a tie."""
+
+    def n_dips(rec: dict) -> int:
+        return (record_summary(rec) or {}).get("knn", {}).get("n_dips", 0)
+
+    chosen = []
+    for row, _, _ in _grad_rows(spec, records):
+        recs = [r for r in _with_curves(records.get(row.name, [])) if r["curves"].get("attn_entropy")]
+        if recs:
+            chosen.append((row, max(recs, key=n_dips)))  # max keeps the first (lowest seed) on a tie
+    return chosen
+
+
+def plot_attention(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
+    """Per block, the held-out monitor's mean attention entropy (left) and maximum attention logit (right) vs
+    iteration, one row of panels per study row (in the gradient figure's order), that seed's kNN dips shaded. Each
+    row shows its seed with the most dips (the lowest on a tie): entropy collapse and growing logits are the
+    small-scale signatures of attention instability (Zhai et al. 2023; Wortsman et al. 2023), so the panels show
+    whether and in which block a dip coincides with one."""
+
+    chosen = _attention_rows(spec, records)
+    if not chosen:
+        return False
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(10, 2.0 * len(chosen) + 0.7), squeeze=False, sharex=True,
+                             layout="constrained")
+    by_epoch = _by_epoch([rec for _, rec in chosen])
+    for (ax_e, ax_l), (row, rec) in zip(axes, chosen):
+        c = rec["curves"]
+        scale = 1 / _iters_per_epoch(rec) if by_epoch else 1
+        # a resume from before the diagnostics: they cover the later steps
+        steps = [t * scale for t in c["knn_steps"][-len(c["attn_entropy"]):]]
+        blocks = len(c["attn_entropy"][0])
+        colors = plt.get_cmap("viridis")([i / max(blocks - 1, 1) for i in range(blocks)])
+        for ax, key in ((ax_e, "attn_entropy"), (ax_l, "attn_max_logit")):
+            for b in range(blocks):
+                ax.plot(steps, [v[b] for v in c[key]], color=colors[b], lw=1.0, label=f"block {b + 1}")
+            for d in (record_summary(rec) or {}).get("knn", {}).get("dips", []):
+                ax.axvspan(d["from"] * scale, d["recovered"] * scale, color="tab:red", alpha=0.12, lw=0)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        ax_e.set_ylabel("entropy (nats)", fontsize=8)
+        ax_l.set_ylabel("max logit", fontsize=8)
+        ax_e.set_title(f"{row.label} (seed {rec.get('seed', 0)})", fontsize=9, loc="left")
+    axes[0, 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch" if by_epoch else "iteration")
+    fig.suptitle(f"{spec.name}: attention entropy and maximum logit per block on the held-out monitor "
+                 "(shaded: a detected kNN dip)", fontsize=10)
+    _save(fig, path)
+    return True
+
+
 def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], path: Path,
                 targets: tuple[str, ...] | None = None) -> bool:
     """Paper Δ beside ours Δ (vs each row's baseline), one pair of bars per compared row."""
@@ -184,6 +243,7 @@ def write_figures(spec: Spec, store: ResultStore, records: dict[str, list[dict]]
     for suffix, caption, plot in (
         ("knn", "kNN monitor accuracy during pretraining", lambda p: plot_knn(spec, records, p)),
         ("grad", "first- vs last-layer relative gradient magnitude", lambda p: plot_grad(spec, records, p)),
+        ("attention", "attention entropy and maximum logit per block", lambda p: plot_attention(spec, records, p)),
         ("delta", "paper Δ vs ours Δ", lambda p: plot_deltas(spec, store, records, p, targets)),
     ):
         name = f"{spec.key}_{suffix}.png"
