@@ -48,3 +48,30 @@ def test_the_issue_baseline_recomputed_from_the_aligned_results():
     assert "Pearson r = 0.03, Spearman ρ = 0.01" in measured
     assert "6 of 14 studies reproduce" in measured
     assert "table11" not in table
+
+
+def test_features_target_is_pending_until_three_seeds_then_judged_on_their_mean(tmp_path):
+    from replicate.report.targets import features_target
+    from replicate.study.profiles import REDUCED
+    from replicate.study.results import ResultStore
+    from replicate.study.spec import find_spec, load_spec
+
+    store = ResultStore(tmp_path, "reduced")
+    store.save_baselines({"dataset": "fashion_mnist_translated", "train_images": 10000, "test_images": 10000,
+                          "raw_pixels": {"linear": 43.0, "knn": 67.0}, "random_backbone": {"linear": 52.4, "knn": 53.9}})
+    spec = load_spec(find_spec("table5"))
+
+    def put(seed: int, linear: float, knn: float):
+        cfg = REDUCED.resolve(spec.setting(spec.row("sincos")), seed=seed).model_dump(mode="json")
+        store.save(spec.key, "sincos", seed, {"table": spec.key, "row": "sincos", "seed": seed, "status": "ok",
+                                              "config": cfg, "metrics": {"linear": linear, "knn": knn}})
+
+    put(0, 70.0, 73.0)
+    put(1, 72.0, 71.0)
+    assert features_target(read_studies(REDUCED, tmp_path)) == ("pending", "table5:sincos: 2 of 3 seeds")
+    put(2, 71.0, 72.5)  # means 71.0 / 72.17: kNN clears raw pixels + 5 (72.0) by 0.2
+    status, measured = features_target(read_studies(REDUCED, tmp_path))
+    assert status == "**met**"
+    assert "margins (lin-px-10, kNN-px-5, lin-rnd-5, kNN-rnd-5) +18.0, +0.2, +13.6, +13.3" in measured
+    put(2, 71.0, 71.0)  # kNN mean 71.67: 0.3 short
+    assert features_target(read_studies(REDUCED, tmp_path))[0] == "**missed**"

@@ -5,7 +5,6 @@ reproduce) and instability (the paper's unstable rows against its stable ones). 
 """
 from __future__ import annotations
 
-import json
 import statistics
 
 import numpy as np
@@ -17,6 +16,7 @@ from replicate.report.verdicts import COMPARED, Kind
 from replicate.runtime.instability import record_summary, shows_instability
 from replicate.study.profiles import Profile
 from replicate.study.results import StudyRecords
+from replicate.study.spec import find_spec
 
 SEEDS = (0, 1, 2)  # the seeds every row of a finished study has (stage v3-3)
 REFERENCE = "table5:sincos"  # the Sec. 6 reference row the features target is measured on
@@ -47,11 +47,9 @@ def features_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
     """(status, measured) of the features target: F3 on the reference row's mean over ``SEEDS``, against the
     profile's own baselines (``baselines.json`` beside the results: raw pixels, a random backbone, same split)."""
     recs = [r for r in current_records(REFERENCE, studies) if r["seed"] in SEEDS]
-    base_file = next(iter(studies.values())).store.profile_dir / "baselines.json"
-    if len(recs) < len(SEEDS) or not base_file.exists():
-        return "pending", f"{REFERENCE}: {len(recs)} of {len(SEEDS)} seeds" + ("" if base_file.exists() else
-                                                                               ", no baselines.json")
-    b = json.loads(base_file.read_text())
+    b = studies[find_spec(REFERENCE.partition(":")[0]).stem].store.load_baselines()
+    if len(recs) < len(SEEDS) or b is None:
+        return "pending", f"{REFERENCE}: {len(recs)} of {len(SEEDS)} seeds" + ("" if b else ", no baselines.json")
     lin, knn = (statistics.mean(r["metrics"][m] for r in recs) for m in ("linear", "knn"))
     margins = f3_margins(lin, knn, b)
     px, rnd = b["raw_pixels"], b["random_backbone"]
