@@ -195,7 +195,7 @@ def test_instability_target_report_counts_false_positives_and_skips_stale_runs(t
     text = instability_report(read_studies(REDUCED, tmp_path))
     assert "| stable | table1:bs1024 | 2 | 1, 0 | " in text
     assert "False positives (a dip in a paper-stable row): 1 of 2 runs (50%)." in text
-    assert "Paper-unstable rows with a dip or an open drop in >= 2 of their seeds: 1 of 1." in text
+    assert "Paper-unstable rows showing it (a dip, an open drop or a divergence) in >= 2 of their seeds: 1 of 1." in text
     assert "| unstable | table1:bs4096 | 0 | not run yet |" in text
 
 

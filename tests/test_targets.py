@@ -29,13 +29,14 @@ def test_ranks_average_ties():
     assert _ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
 
 
-def test_an_open_drop_shows_instability_as_a_dip_does():
+def test_an_open_drop_or_a_divergence_shows_instability_as_a_dip_does():
     steps = list(range(0, 1000, 10))
     flat = [70.0 + 0.1 * (i % 2) for i in range(100)]
     dropped = flat[:80] + [60.0] * 20  # falls 10 points at the end and stays down
     dipped = flat[:40] + [60.0] * 10 + flat[50:]
     rec = lambda acc: {"curves": {"knn_steps": steps, "knn_acc": acc}, "instability": None}  # noqa: E731
     assert [shows_instability(rec(a)) for a in (flat, dropped, dipped)] == [False, True, True]
+    assert shows_instability({**rec(flat), "status": "diverged"})  # a divergence is the plainest instability
     assert summarize({"knn_steps": steps, "knn_acc": dropped})["knn"]["n_dips"] == 0  # open, so not a dip
 
 

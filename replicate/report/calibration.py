@@ -45,11 +45,17 @@ TWINS = (("table4:mocov3_lr0.5e-4_random", "table4:mocov3_lr0.5e-4_learned"),
 
 
 def current_records(ref: str, studies: dict[str, StudyRecords]) -> list[dict]:
-    """The seed records of ``ref`` ('table1:bs4096') made with the config the spec resolves to now (stale ones and
-    failed ones left out), by seed; ``studies``: every study's runs (``replicate.report.render.read_studies``)."""
+    """The finished seed records (``ok`` or ``diverged``) of ``ref`` ('table1:bs4096') made with the config the spec
+    resolves to now (stale ones left out), by seed; ``studies``: every study's runs (``read_studies``)."""
     table, _, name = ref.partition(":")
     study = studies[find_spec(table).stem]
-    return study.current_ok(study.spec.row(name))
+    return study.current_finished(study.spec.row(name))
+
+
+def _dips_text(dips: list) -> str:
+    """A row's dips summed over its seeds, and its diverged seeds (``dips`` holds "diverged" for those)."""
+    diverged = dips.count("diverged")
+    return f"{sum(d for d in dips if d != 'diverged')} dips" + (f", {diverged} diverged" if diverged else "")
 
 
 def instability_report(studies: dict[str, StudyRecords]) -> str:
@@ -60,12 +66,13 @@ def instability_report(studies: dict[str, StudyRecords]) -> str:
     def cells(ref: str):
         recs = current_records(ref, studies)
         sums = [record_summary(r) or {} for r in recs]
-        dips = [s.get("knn", {}).get("n_dips", 0) for s in sums]
+        dips = [s.get("knn", {}).get("n_dips", 0) if r.get("status") == "ok" else "diverged"
+                for r, s in zip(recs, sums)]
         depth = max((s.get("knn", {}).get("max_depth", 0.0) for s in sums), default=0.0)
         leads = [s.get("grad", {}).get("first_leads_by") for s in sums]
         return recs, dips, depth, leads, sum(map(shows_instability, recs))
 
-    lines = ["| paper | row | seeds | dips per seed | deepest | seeds with a dip or an open drop | "
+    lines = ["| paper | row | seeds | dips per seed | deepest | seeds showing it (dip, open drop, divergence) | "
              "first layer leads by (iterations, per seed) |",
              "|---|---|---|---|---|---|---|"]
     stable_hits = stable_runs = unstable_ok = unstable_rows = 0
@@ -75,7 +82,7 @@ def instability_report(studies: dict[str, StudyRecords]) -> str:
             if not recs:
                 lines.append(f"| {kind} | {ref} | 0 | not run yet | | | |")
                 continue
-            hit = sum(d > 0 for d in dips)
+            hit = sum(d != 0 for d in dips)  # a divergence counts with the dips
             if kind == "stable":
                 stable_hits, stable_runs = stable_hits + hit, stable_runs + len(recs)
             else:
@@ -89,11 +96,11 @@ def instability_report(studies: dict[str, StudyRecords]) -> str:
         lines.append(f"False positives (a dip in a paper-stable row): {stable_hits} of {stable_runs} runs "
                      f"({100 * stable_hits / stable_runs:.0f}%).")
     if unstable_rows:
-        lines.append(f"Paper-unstable rows with a dip or an open drop in >= 2 of their seeds: {unstable_ok} of "
-                     f"{unstable_rows}.")
+        lines.append(f"Paper-unstable rows showing it (a dip, an open drop or a divergence) in >= 2 of their seeds: "
+                     f"{unstable_ok} of {unstable_rows}.")
     for rand, learned in TWINS:
         r, lr = cells(rand), cells(learned)
         if r[0] and lr[0]:
-            lines.append(f"Twins {rand.split(':')[1].removesuffix('_random')}: random {sum(r[1])} dips, "
-                         f"learned {sum(lr[1])} dips ({len(r[0])} / {len(lr[0])} seeds).")
+            lines.append(f"Twins {rand.split(':')[1].removesuffix('_random')}: random {_dips_text(r[1])}, "
+                         f"learned {_dips_text(lr[1])} ({len(r[0])} / {len(lr[0])} seeds).")
     return "\n".join(lines)

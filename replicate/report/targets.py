@@ -46,7 +46,7 @@ def study_complete(study: StudyRecords) -> bool:
 def features_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
     """(status, measured) of the features target: F3 on the reference row's mean over ``SEEDS``, against the
     profile's own baselines (``baselines.json`` beside the results: raw pixels, a random backbone, same split)."""
-    recs = [r for r in current_records(REFERENCE, studies) if r["seed"] in SEEDS]
+    recs = [r for r in current_records(REFERENCE, studies) if r["seed"] in SEEDS and r["status"] == "ok"]
     b = studies[find_spec(REFERENCE.partition(":")[0]).stem].store.load_baselines()
     if len(recs) < len(SEEDS) or b is None:
         return "pending", f"{REFERENCE}: {len(recs)} of {len(SEEDS)} seeds" + ("" if b else ", no baselines.json")

@@ -144,8 +144,10 @@ def record_summary(record: dict) -> dict | None:
 
 
 def shows_instability(record: dict) -> bool:
-    """A run shows instability when the detector finds a kNN dip or a drop still open at its end (the rule of
-    docs/reduced-scale.md, stage v3-2 (a), and of the v3 instability target)."""
+    """A run shows instability when it diverged, or the detector finds a kNN dip or a drop still open at its end (the
+    rule of docs/reduced-scale.md, stage v3-2 (a) and (c), and of the v3 instability target)."""
+    if record.get("status") == "diverged":
+        return True
     knn = (record_summary(record) or {}).get("knn", {})
     return knn.get("n_dips", 0) > 0 or bool(knn.get("unrecovered"))
 

@@ -246,10 +246,10 @@ class StudyRecords:
                     break
         return out
 
-    def current_ok(self, row) -> list[dict]:
-        """``row``'s finished runs made with the config it resolves to now, by seed."""
-        recs = [r for r in self.records.get(row.name, [])
-                if r.get("status") == "ok" and self.current is not None and self.current.is_current(r, row)]
+    def current_finished(self, row) -> list[dict]:
+        """``row``'s finished runs (``ok`` or ``diverged``) made with the config it resolves to now, by seed."""
+        recs = [r for r in self.records.get(row.name, []) if r.get("status") in ("ok", "diverged")
+                and self.current is not None and self.current.is_current(r, row)]
         return sorted(recs, key=lambda r: r["seed"])
 
 
