@@ -76,3 +76,29 @@ def test_features_target_is_pending_until_three_seeds_then_judged_on_their_mean(
     assert "margins (lin-px-10, kNN-px-5, lin-rnd-5, kNN-rnd-5) +18.0, +0.2, +13.6, +13.3" in measured
     put(2, 71.0, 71.0)  # kNN mean 71.67: 0.3 short
     assert features_target(read_studies(REDUCED, tmp_path))[0] == "**missed**"
+
+
+def test_a_study_is_complete_once_every_row_has_seeds_0_to_2_diverged_ones_included(tmp_path):
+    from replicate.report.targets import study_complete
+    from replicate.study.profiles import REDUCED
+    from replicate.study.results import ResultStore
+    from replicate.study.spec import find_spec, load_spec
+
+    store, spec = ResultStore(tmp_path, "reduced"), load_spec(find_spec("table7"))
+
+    def put(row, seed, status="ok", stale=False):
+        cfg = REDUCED.resolve(spec.setting(row), seed=seed).model_dump(mode="json")
+        cfg["epochs"] += stale  # a run made with another config does not count
+        store.save(spec.key, row.name, seed, {"seed": seed, "status": status, "config": cfg, "metrics": {}})
+
+    first, *others = spec.rows
+    for seed in (0, 1, 2):
+        for row in others:
+            put(row, seed)
+    put(first, 0)
+    put(first, 1, status="diverged")
+    put(first, 2, stale=True)
+    complete = lambda: study_complete(read_studies(REDUCED, tmp_path)[spec.key])  # noqa: E731
+    assert not complete()
+    put(first, 2)
+    assert complete()
