@@ -1,10 +1,9 @@
 """The reduced scale's targets (replicate/report/targets.py): the written rules, and the issue's own baseline numbers
 recomputed from the aligned profile's committed results."""
-import numpy as np
 import pytest
 
 from replicate.report.render import read_studies
-from replicate.report.targets import _ranks, f3_margins, signal_target, study_reproduces
+from replicate.report.targets import correlations, f3_margins, signal_target, study_reproduces
 from replicate.report.verdicts import Kind
 from replicate.runtime.instability import shows_instability, summarize
 from replicate.study.profiles import REDUCED_ALIGNED
@@ -25,8 +24,9 @@ def test_a_study_reproduces_when_half_its_decisive_rows_do():
     assert study_reproduces([(1.0, 0.3, R)]) is None  # nothing decides: the study is not counted either way
 
 
-def test_ranks_average_ties():
-    assert _ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
+def test_spearman_ranks_ties_by_their_mean():
+    # ranks [2.5, 0, 2.5, 1] against [0, 1, 2, 3]: rho = -0.2108 (ordinal ranks [2, 0, 3, 1] would give 0.0)
+    assert correlations([3.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0])[1] == pytest.approx(-0.21082, abs=1e-5)
 
 
 def test_an_open_drop_or_a_divergence_shows_instability_as_a_dip_does():

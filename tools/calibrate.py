@@ -20,7 +20,7 @@ from replicate.core.model import build_vit
 from replicate.report.calibration import RUNS_ROOT, instability_report, report
 from replicate.report.render import read_studies
 from replicate.report.targets import f3_margins
-from replicate.runtime.instability import record_summary, shows_instability
+from replicate.runtime.instability import n_dips, record_summary, shows_instability
 from replicate.runtime.monitor import HeldOutKnn
 from replicate.study.profiles import CANDIDATES, REDUCED, Profile, calibration_candidate
 from replicate.study.runner import run_table
@@ -167,7 +167,7 @@ def stage2_report(base: str) -> str:
         if a and b and c and qualifying is None:
             qualifying = scale
         if b and c:
-            fallback[scale] = sum((record_summary(r) or {}).get("knn", {}).get("n_dips", 0) for r in hi)
+            fallback[scale] = sum(map(n_dips, hi))
     lines.append("")
     if qualifying is not None:
         lines.append(f"Chosen: lr scale {qualifying}, the smallest that qualifies.")

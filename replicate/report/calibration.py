@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from replicate.runtime.instability import record_summary, shows_instability
+from replicate.runtime.instability import first_lead, n_dips, record_summary, shows_instability
 from replicate.study.results import StudyRecords
 from replicate.study.spec import find_spec
 
@@ -65,12 +65,9 @@ def instability_report(studies: dict[str, StudyRecords]) -> str:
 
     def cells(ref: str):
         recs = current_records(ref, studies)
-        sums = [record_summary(r) or {} for r in recs]
-        dips = [s.get("knn", {}).get("n_dips", 0) if r.get("status") == "ok" else "diverged"
-                for r, s in zip(recs, sums)]
-        depth = max((s.get("knn", {}).get("max_depth", 0.0) for s in sums), default=0.0)
-        leads = [s.get("grad", {}).get("first_leads_by") for s in sums]
-        return recs, dips, depth, leads, sum(map(shows_instability, recs))
+        dips = [n_dips(r) if r.get("status") == "ok" else "diverged" for r in recs]
+        depth = max(((record_summary(r) or {}).get("knn", {}).get("max_depth", 0.0) for r in recs), default=0.0)
+        return recs, dips, depth, [first_lead(r) for r in recs], sum(map(shows_instability, recs))
 
     lines = ["| paper | row | seeds | dips per seed | deepest | seeds showing it (dip, open drop, divergence) | "
              "first layer leads by (iterations, per seed) |",

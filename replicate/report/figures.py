@@ -18,7 +18,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from replicate.report.stats import RowStats, _delta, _mean_delta, metric_keys, paper_delta, verdict_noise
 from replicate.runtime.atomic import atomic_open
-from replicate.runtime.instability import record_summary
+from replicate.runtime.instability import n_dips, record_summary
 from replicate.study.results import ResultStore
 from replicate.study.spec import Spec
 
@@ -145,9 +145,6 @@ def _attention_rows(spec: Spec, records: dict[str, list[dict]]) -> list[tuple]:
     """(row, record) for every row with attention diagnostics, in the gradient figure's order: its seed with the
     most kNN dips, the lowest seed on a tie."""
 
-    def n_dips(rec: dict) -> int:
-        return (record_summary(rec) or {}).get("knn", {}).get("n_dips", 0)
-
     chosen = []
     for row, _, _ in _grad_rows(spec, records):
         recs = [r for r in _with_curves(records.get(row.name, [])) if r["curves"].get("attn_entropy")]
@@ -176,10 +173,11 @@ def plot_attention(spec: Spec, records: dict[str, list[dict]], path: Path) -> bo
         steps = [t * scale for t in c["knn_steps"][-len(c["attn_entropy"]):]]
         blocks = len(c["attn_entropy"][0])
         colors = plt.get_cmap("viridis")([i / max(blocks - 1, 1) for i in range(blocks)])
+        dips = (record_summary(rec) or {}).get("knn", {}).get("dips", [])
         for ax, key in ((ax_e, "attn_entropy"), (ax_l, "attn_max_logit")):
             for b in range(blocks):
                 ax.plot(steps, [v[b] for v in c[key]], color=colors[b], lw=1.0, label=f"block {b + 1}")
-            for d in (record_summary(rec) or {}).get("knn", {}).get("dips", []):
+            for d in dips:
                 ax.axvspan(d["from"] * scale, d["recovered"] * scale, color="tab:red", alpha=0.12, lw=0)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)

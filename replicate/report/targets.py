@@ -8,12 +8,13 @@ from __future__ import annotations
 import statistics
 
 import numpy as np
+from scipy.stats import pearsonr, spearmanr
 
 from replicate.report.calibration import PAPER_STABLE, PAPER_UNSTABLE, TWINS, current_records
-from replicate.report.render import row_verdicts
+from replicate.report.render import study_verdicts
 from replicate.report.stats import paper_delta
 from replicate.report.verdicts import COMPARED, Kind
-from replicate.runtime.instability import record_summary, shows_instability
+from replicate.runtime.instability import first_lead, n_dips, shows_instability
 from replicate.study.profiles import Profile
 from replicate.study.results import StudyRecords
 from replicate.study.spec import find_spec
@@ -38,9 +39,7 @@ def _status(met: bool, pending: bool) -> str:
 
 def study_complete(study: StudyRecords) -> bool:
     """Every row of the study has a run made with its current config for each of ``SEEDS`` (finished or diverged)."""
-    shown = study.shown()
-    return all(set(SEEDS) <= {r.get("seed") for r in shown.get(row.name, []) if study.current.is_current(r, row)}
-               for row in study.spec.rows)
+    return all(set(SEEDS) <= {r["seed"] for r in study.current_finished(row)} for row in study.spec.rows)
 
 
 def features_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
@@ -68,16 +67,20 @@ def compared_rows(profile: Profile, studies: dict[str, StudyRecords]) -> dict[st
         if study.spec.kind == "transfer":
             continue
         rows = [(v.delta, paper_delta(study.spec, row), v.kind)
-                for row, v, _ in row_verdicts(study.spec, study.shown(), profile.transfer_targets)
-                if v.kind in COMPARED]
+                for row, v, _ in study_verdicts(study, profile)[0] if v.kind in COMPARED]
         out[key] = rows
     return out
 
 
+def _decisive(rows: list[tuple[float, float, Kind]]) -> list[Kind]:
+    """The verdicts of the rows that decide whether a study reproduces: |paper delta| >= ``MIN_PAPER_DELTA``."""
+    return [kind for _, pd, kind in rows if abs(pd) >= MIN_PAPER_DELTA]
+
+
 def study_reproduces(rows: list[tuple[float, float, Kind]]) -> bool | None:
-    """The written rule: at least half of the study's rows with |paper delta| >= ``MIN_PAPER_DELTA`` reproduce (our
-    delta of the paper's sign beyond two paired standard errors); None when it has no such row."""
-    decisive = [kind for _, pd, kind in rows if abs(pd) >= MIN_PAPER_DELTA]
+    """The written rule: at least half of the study's decisive rows (``_decisive``) reproduce (our delta of the
+    paper's sign beyond two paired standard errors); None when it has no such row."""
+    decisive = _decisive(rows)
     return None if not decisive else 2 * sum(k is Kind.REPRODUCES for k in decisive) >= len(decisive)
 
 
@@ -99,16 +102,14 @@ def signal_target(profile: Profile, studies: dict[str, StudyRecords]) -> tuple[s
         verdict = study_reproduces(rs)
         decided += verdict is not None
         counted += bool(verdict)
-        decisive = [k for _, pd, k in rs if abs(pd) >= MIN_PAPER_DELTA]
+        decisive = _decisive(rs)
         lines.append(f"| {studies[key].spec.name} | {len(rs)} | {sum(_same_sign(o, p) for o, p, _ in rs)} | "
                      f"{len(decisive)} | {sum(k is Kind.REPRODUCES for k in decisive)} | "
                      f"{'—' if verdict is None else 'yes' if verdict else 'no'} |")
     if not rows:
         return "pending", "no compared rows yet", ""
     agree = sum(_same_sign(o, p) for o, p, _ in rows)
-    ours, paper = np.array([o for o, _, _ in rows]), np.array([p for _, p, _ in rows])
-    r = float(np.corrcoef(ours, paper)[0, 1]) if len(rows) > 2 else float("nan")
-    rho = float(np.corrcoef(_ranks(ours), _ranks(paper))[0, 1]) if len(rows) > 2 else float("nan")
+    r, rho = correlations([o for o, _, _ in rows], [p for _, p, _ in rows])
     pending = complete < len(per_study)
     met = agree >= SIGN_TARGET * len(rows) and counted >= STUDIES_TARGET
     measured = (f"our Δ has the paper's sign in {agree} of the {len(rows)} rows with a verdict, study 11 aside "
@@ -125,15 +126,12 @@ def signal_sentence(profile: Profile, studies: dict[str, StudyRecords]) -> str:
     return f"Signal (the paper's sign, studies reproducing; target: docs/reduced-scale.md): {measured} ({status}).\n"
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their ranks), for Spearman's correlation."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
+def correlations(ours: list[float], paper: list[float]) -> tuple[float, float]:
+    """Pearson's r and Spearman's ρ (tied values share their mean rank) of our deltas with the paper's; NaN below
+    three rows."""
+    if len(ours) < 3:
+        return float("nan"), float("nan")
+    return float(pearsonr(ours, paper).statistic), float(spearmanr(ours, paper).statistic)
 
 
 def instability_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
@@ -146,9 +144,8 @@ def instability_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
     pending = any(len(recs) < len(SEEDS) for recs in runs.values())
     unstable_ok = sum(sum(map(shows_instability, runs[ref])) >= 2 for ref in PAPER_UNSTABLE)
     stable = [shows_instability(r) for ref in PAPER_STABLE for r in runs[ref]]
-    rand, learned = ([(record_summary(r) or {}).get("knn", {}).get("n_dips", 0) for r in runs[ref]] for ref in TWINS[-1])
-    leads = [lead for ref in PAPER_UNSTABLE for r in runs[ref]
-             if (lead := (record_summary(r) or {}).get("grad", {}).get("first_leads_by")) is not None]
+    rand, learned = ([n_dips(r) for r in runs[ref]] for ref in TWINS[-1])
+    leads = [lead for ref in PAPER_UNSTABLE for r in runs[ref] if (lead := first_lead(r)) is not None]
     lead = float(np.median(leads)) if leads else None
     parts = [unstable_ok == len(PAPER_UNSTABLE), sum(stable) <= STABLE_SHARE * len(stable) if stable else False,
              sum(rand) < sum(learned), lead is not None and lead > 0]

@@ -143,6 +143,16 @@ def record_summary(record: dict) -> dict | None:
     return record.get("instability") or summarize(record.get("curves"))
 
 
+def n_dips(record: dict) -> int:
+    """The kNN dips the detector finds in a run (0 for a run without monitor curves)."""
+    return (record_summary(record) or {}).get("knn", {}).get("n_dips", 0)
+
+
+def first_lead(record: dict) -> float | None:
+    """How many iterations a run's first-layer gradient spikes lead its last layer's (None: no paired spikes)."""
+    return (record_summary(record) or {}).get("grad", {}).get("first_leads_by")
+
+
 def shows_instability(record: dict) -> bool:
     """A run shows instability when it diverged, or the detector finds a kNN dip or a drop still open at its end (the
     rule of docs/reduced-scale.md, stage v3-2 (a) and (c), and of the v3 instability target)."""
