@@ -37,7 +37,7 @@ class Setting(Strict):
                                                "and depth")
     patch_size: Optional[int] = Field(
         None, ge=1, description="patch size in the paper's pixels; null = the arch's (16, or 14 for ViT-H); a profile maps "
-                          "it to its own (reduced: 16 and 14 -> 7, 7 -> 4)")
+                          "it to its own (docs/scales.md; `replicate show` prints it)")
     norm_mlp: Literal["ln", "bn"] = Field("ln", description="'bn' = ViT-BN: BatchNorm in the MLP blocks only")
     pos_embed: Literal["sincos", "learned", "none"] = Field(
         "sincos", description="position embedding: fixed 2-D sin-cos, learned, or none")
@@ -89,14 +89,14 @@ class Setting(Strict):
     optimizer: Literal["adamw", "lamb", "lars"] = Field(
         "adamw", description="AdamW (the paper's), LAMB or LARS (timm's implementations)")
     batch_size: int = Field(
-        4096, ge=1, description="global batch in the paper's units; a profile scales it (reduced: / 32) and needs at "
+        4096, ge=1, description="global batch in the paper's units; a profile scales it (docs/scales.md) and needs at "
                                 "least 2 images per step there, and no more than its training images")
     base_lr: float = Field(1.5e-4, gt=0, allow_inf_nan=False,
                            description="base learning rate: peak lr = base_lr x batch_size / 256 (times the profile's "
                                        "lr factor)")
     weight_decay: float = Field(0.1, ge=0, allow_inf_nan=False, description="the optimizer's weight decay")
     epochs: int = Field(300, ge=1, le=MAX_EPOCHS, description="pretraining epochs in the paper's units; a profile scales "
-                                                              "them (reduced: 300 -> 10) and needs at least 1 there")
+                                                              "them (docs/scales.md) and needs at least 1 there")
     warmup_epochs: int = Field(40, ge=0, description="linear lr warmup, in the paper's epochs; scaled with `epochs` "
                                                      "(the same fraction); less than `epochs`")
     # SwAV only (official main_swav.py defaults); the other frameworks ignore these

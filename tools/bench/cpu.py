@@ -460,10 +460,10 @@ def render(res: dict) -> str:
            ("Full MoCo v3 steps (two views through `TwoViewBatchAugment`, query fwd+bwd, momentum update and key "
            "fwd, AdamW step) of `SelfSupervisedViT` on synthetic in-memory images, in the trainer's precision "
            f"({LABELS[res['precision']]})."), ""]
-    ref = reduced_config()
-    ref_name = f"ViT {ref.embed_dim}x{ref.depth} /{ref.patch_size}"
-    rows = [[f"reduced {ref_name}, {ref.image_size}² gray", r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.0f}",
-             f"{r['warmup_s']:.1f}"] for r in res["reduced"]]
+    reduced = reduced_config()
+    reduced_name = f"ViT {reduced.embed_dim}x{reduced.depth} /{reduced.patch_size}"
+    rows = [[f"reduced {reduced_name}, {reduced.image_size}² gray", r["batch"], f"{r['step_s']:.3f}",
+             f"{r['images_per_s']:.0f}", f"{r['warmup_s']:.1f}"] for r in res["reduced"]]
     if "vitb" in res:
         v = res["vitb"]
         where = "CPU, " if "CPU" in res["device"] else ""
@@ -491,7 +491,8 @@ def render(res: dict) -> str:
 
     p = res["pipeline"]
     md += ["## 3. Data pipeline alone", "",
-           (f"`TwoViewBatchAugment` on batches of {p['batch']} 28x28 images: **{p['images_per_s']:.0f} images/s** "
+           (f"`TwoViewBatchAugment` on batches of {p['batch']} {reduced.image_size}x{reduced.image_size} images: "
+            f"**{p['images_per_s']:.0f} images/s** "
            f"({1000 * p['step_s']:.1f} ms per batch, both views)."), ""]
 
     k = res["knn"]
@@ -584,7 +585,7 @@ def render(res: dict) -> str:
 
     md += ["## 7. Time of the reduced tables (one seed)", "",
            f"Estimated: iterations = epochs x ({FMNIST_TRAIN_IMAGES} // batch) from `REDUCED.resolve` for each row; "
-           f"rows with the reference model ({ref_name}) take its measured images/s (§1) scaled by FLOPs/image, "
+           f"rows with the reference model ({reduced_name}) take its measured images/s (§1) scaled by FLOPs/image, "
            "rows with another model (ViT-S/L/H, /4 patches, ViT-BN) are timed directly; plus feature extraction of "
            f"{FMNIST_EVAL_IMAGES} images at the achieved FLOP/s and one kNN. Linear probes are not included. "
            "Measured: the wall time of seed 0 of every row in committed results pretrained in the trainer's "
