@@ -7,7 +7,7 @@ One loop for both kinds of data:
 - In-memory ``TensorSplit`` (reduced / smoke): batched tensor augmentation, random-resized-crop + flip via
   ``TwoViewBatchAugment.crop_flip`` (the profile-style crop scale). RandAugment is skipped there: its PIL ops
   (colour, posterize, solarize ...) are built for RGB photographs and would have to run image by image on
-  28x28 grayscale tensors, which costs more than the fine-tuning itself.
+  small grayscale tensors (28 or 40 px), which costs more than the fine-tuning itself.
 Shared by both: DeiT's model init (``build_classifier``), AdamW with lr = base_lr x batch / 512 (DeiT) and DeiT's
 no-weight-decay groups (biases, norms, position embedding, [CLS]), DeiT's lr schedule (timm's cosine scheduler
 stepped once per epoch from a warmup lr, ``deit_lr_schedule``), Mixup/CutMix (``timm.data.Mixup``) with
