@@ -18,7 +18,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from replicate.report.stats import RowStats, _delta, _mean_delta, metric_keys, paper_delta, verdict_noise
 from replicate.runtime.atomic import atomic_open
-from replicate.runtime.instability import n_dips, record_summary
+from replicate.runtime.instability import knn_dips, n_dips, record_summary
 from replicate.study.results import ResultStore
 from replicate.study.spec import Spec
 
@@ -72,7 +72,7 @@ def plot_knn(spec: Spec, records: dict[str, list[dict]], path: Path) -> bool:
             ax.plot(xs, c["knn_acc"], color=color, lw=2.0 if is_ref else 1.2, alpha=1.0 if j == 0 else 0.3,
                     label=label, marker="." if len(xs) < 30 else None)
             if j == 0:
-                dips = (record_summary(rec) or {}).get("knn", {}).get("dips", [])
+                dips = knn_dips(rec)
                 bottoms = [d["bottom"] for d in dips]
                 ys = [c["knn_acc"][c["knn_steps"].index(b)] for b in bottoms if b in c["knn_steps"]]
                 ax.plot([b * scale for b in bottoms], ys, "v", color=color, ms=7, mec="black", mew=0.5)
@@ -173,7 +173,7 @@ def plot_attention(spec: Spec, records: dict[str, list[dict]], path: Path) -> bo
         steps = [t * scale for t in c["knn_steps"][-len(c["attn_entropy"]):]]
         blocks = len(c["attn_entropy"][0])
         colors = plt.get_cmap("viridis")([i / max(blocks - 1, 1) for i in range(blocks)])
-        dips = (record_summary(rec) or {}).get("knn", {}).get("dips", [])
+        dips = knn_dips(rec)
         for ax, key in ((ax_e, "attn_entropy"), (ax_l, "attn_max_logit")):
             for b in range(blocks):
                 ax.plot(steps, [v[b] for v in c[key]], color=colors[b], lw=1.0, label=f"block {b + 1}")

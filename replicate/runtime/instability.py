@@ -148,6 +148,11 @@ def n_dips(record: dict) -> int:
     return (record_summary(record) or {}).get("knn", {}).get("n_dips", 0)
 
 
+def knn_dips(record: dict) -> list[dict]:
+    """The kNN dips the detector finds in a run, each with its ``from``, ``bottom`` and ``recovered`` monitor steps."""
+    return (record_summary(record) or {}).get("knn", {}).get("dips", [])
+
+
 def first_lead(record: dict) -> float | None:
     """How many iterations a run's first-layer gradient spikes lead its last layer's (None: no paired spikes)."""
     return (record_summary(record) or {}).get("grad", {}).get("first_leads_by")
