@@ -51,6 +51,22 @@ def test_the_issue_baseline_recomputed_from_the_aligned_results():
     assert "table11" not in table
 
 
+def test_signal_is_pending_while_the_rest_could_still_meet_it_and_missed_once_they_cannot():
+    """The aligned results with studies emptied: with only table 1 in, 41 rows and 13 studies could still agree
+    (best case 42 of 44), so pending; without table 15's one row, the best case is 21 of 44 and 7 studies."""
+    studies = read_studies(REDUCED_ALIGNED)
+    for key in studies:
+        if key != "01_batch_size":
+            studies[key].records = {}
+    status, measured, _ = signal_target(REDUCED_ALIGNED, studies)
+    assert status == "pending" and "1 of 14 studies complete" in measured and "out of reach" not in measured
+    studies = read_studies(REDUCED_ALIGNED)
+    studies["15_finetune"].records = {}
+    status, measured, _ = signal_target(REDUCED_ALIGNED, studies)
+    assert status == "**missed**"
+    assert "out of reach whatever the rest show: at best 21 of 44 rows (48%) and 7 studies" in measured
+
+
 def test_features_target_is_pending_until_three_seeds_then_judged_on_their_mean(tmp_path):
     from replicate.report.targets import features_target
     from replicate.study.profiles import REDUCED
