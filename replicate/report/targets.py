@@ -98,7 +98,7 @@ def _same_sign(ours: float, paper: float) -> bool:
 def signal_target(profile: Profile, studies: dict[str, StudyRecords]) -> tuple[str, str, str]:
     """(status, measured, per-study table) of the signal target over every compared row."""
     per_study = compared_rows(profile, studies)
-    complete = sum(study_complete(studies[key]) for key in per_study)
+    unfinished = [key for key in per_study if not study_complete(studies[key])]
     rows = [r for rs in per_study.values() for r in rs]
     lines = ["| study | compared rows | with the paper's sign | rows with \\|paper Δ\\| >= 0.4 | of those reproduce | "
              "study reproduces |", "|---|---:|---:|---:|---:|---|"]
@@ -117,15 +117,14 @@ def signal_target(profile: Profile, studies: dict[str, StudyRecords]) -> tuple[s
         return "pending", "no compared rows yet", ""
     agree = sum(_same_sign(o, p) for o, p, _ in rows)
     r, rho = correlations([o for o, _, _ in rows], [p for _, p, _ in rows])
-    pending = complete < len(per_study)
+    pending = bool(unfinished)
     met = agree >= SIGN_TARGET * len(rows) and counted >= STUDIES_TARGET
     measured = (f"our Δ has the paper's sign in {agree} of the {len(rows)} rows with a verdict, study 11 aside "
                 f"({100 * agree / len(rows):.0f}%; "
                 f"target >= {100 * SIGN_TARGET:.0f}%), Pearson r = {r:.2f}, Spearman ρ = {rho:.2f}; "
                 f"{counted} of {decided} studies reproduce (target >= {STUDIES_TARGET})"
-                + (f"; {complete} of {len(per_study)} studies complete" if pending else ""))
+                + (f"; {len(per_study) - len(unfinished)} of {len(per_study)} studies complete" if pending else ""))
     if pending:  # already out of reach? The best case: every row and study still to come agrees with the paper
-        unfinished = [key for key in per_study if not study_complete(studies[key])]
         still = sum(rows_with_paper_delta(studies[key]) - len(per_study[key]) for key in unfinished)
         best_sign, best_studies = (agree + still) / (len(rows) + still), counted + len(unfinished)
         if best_sign < SIGN_TARGET or best_studies < STUDIES_TARGET:
