@@ -23,6 +23,10 @@ def test_every_spec_validates_and_carries_paper_numbers():
             setting = s.setting(row).model_dump()
             assert all(setting[k] == v for k, v in {**s.base, **row.set}.items()), (s.key, row.name)
     assert by_id[9].setting(by_id[9].row("m0")).momentum == 0.0
+    t4 = by_id[4]  # a row's baseline is its `vs`, else the reference; only the reference compares against itself
+    assert t4.baseline_of(t4.row("simclr_random")).name == "simclr_learned"
+    assert t4.baseline_of(t4.row("simclr_learned")).name == "mocov3_lr1.5e-4_learned"
+    assert [r.name for r in t4.rows if t4.is_baseline(r)] == ["mocov3_lr1.5e-4_learned"]
 
 
 @pytest.mark.parametrize("body, where", [

@@ -200,9 +200,9 @@ def plot_deltas(spec: Spec, store: ResultStore, records: dict[str, list[dict]], 
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     labels, paper, ours, errs = [], [], [], []
     for row in spec.rows:
-        base = spec.baseline_of(row)
-        if row.name == base.name:
+        if spec.is_baseline(row):
             continue
+        base = spec.baseline_of(row)
         o, b = stats[row.name], stats[base.name]
         d = _mean_delta(o, b, metrics) if spec.kind == "transfer" else _delta(o, b, metrics[0])
         pd = paper_delta(spec, row)

@@ -88,7 +88,7 @@ def render_table(spec: Spec, store: ResultStore, write: bool = False, study: Stu
     rows_out = []
     for row in spec.rows:
         ours, base = stats[row.name], stats[spec.baseline_of(row).name]
-        is_base = row.name == spec.baseline_of(row).name
+        is_base = spec.is_baseline(row)
         pd = paper_delta(spec, row)
         label = row.label + (" (stale)" if row.name in stale else "") + (
             f" (unreadable: {', '.join(unreadable[row.name])})" if row.name in unreadable else "")
@@ -238,9 +238,9 @@ def row_verdicts(spec: Spec, records: dict[str, list[dict]],
     stats = {r.name: RowStats(records.get(r.name, [])) for r in spec.rows}
     out = []
     for row in spec.rows:
-        base_row = spec.baseline_of(row)
-        if row.name == base_row.name:
+        if spec.is_baseline(row):
             continue
+        base_row = spec.baseline_of(row)
         ours, base, pd = stats[row.name], stats[base_row.name], paper_delta(spec, row)
         if spec.kind == "transfer":
             v = _transfer_verdict(pd, ours, base, metrics)
@@ -278,7 +278,7 @@ def rerun_report(profile: Profile, results: str | Path | None = None,
                 continue
             base_row = spec.baseline_of(row)
             ours, base = RowStats(records[row.name]), RowStats(records.get(base_row.name, []))
-            is_base, base_ok = row.name == base_row.name, base_row.name in current
+            is_base, base_ok = spec.is_baseline(row), base_row.name in current
             if spec.kind == "transfer":
                 cell, d = " / ".join(ours.cell(m) for m in metrics), _mean_delta(ours, base, metrics)
             else:

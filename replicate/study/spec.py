@@ -91,6 +91,10 @@ class Spec(BaseModel):
     def baseline_of(self, row: Row) -> Row:
         return self.row(row.vs or self.reference)
 
+    def is_baseline(self, row: Row) -> bool:
+        """Whether the row is its own baseline (the reference): it gets no delta and no verdict."""
+        return self.baseline_of(row).name == row.name
+
     @property
     def key(self) -> str:
         """The spec's identity in the results store: its file name (``05_position_embedding``), never its number,
