@@ -1,8 +1,8 @@
 """The reduced scale's targets (issue #31, docs/reduced-scale.md "Targets") measured on a profile's committed results:
 features (criterion F3 on the reference row), signal (how often our delta has the paper's sign, how many studies
-reproduce) and instability (the paper's unstable rows against its stable ones). ``python -m replicate.docs`` writes
-``targets_report`` into docs/reduced-scale.md; each target reads *pending* until every row it needs has its seeds,
-or (signal) until even the best case of the rows still to come cannot meet it.
+reproduce), instability (the paper's unstable rows against its stable ones) and cost (the runs' measured time).
+``python -m replicate.docs`` writes ``targets_report`` into docs/reduced-scale.md; each target reads *pending* until
+every row it needs has its seeds, or (signal) until even the best case of the rows still to come cannot meet it.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ REFERENCE = "table5:sincos"  # the Sec. 6 reference row the features target is m
 SIGN_TARGET, STUDIES_TARGET = 0.75, 9  # the signal target: share of rows with the paper's sign; studies reproducing
 MIN_PAPER_DELTA = 0.4  # a study's rows that decide whether it reproduces: |paper delta| at least this
 STABLE_SHARE = 0.10  # the instability target: at most this share of the stable rows' runs show instability
+COST_HOURS = 8.0  # the cost target: one seed of all 15 studies on the 2-core machine class
 
 
 def f3_margins(linear: float, knn: float, baselines: dict) -> list[float]:
@@ -171,13 +172,43 @@ def instability_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
     return _status(all(parts), pending), measured
 
 
+def run_seconds(record: dict) -> float:
+    """What a committed run cost: its wall time, or its whole pretraining where a resume split the run over processes
+    (``wall_time_s`` counts the last process only; ``pretrain_s`` all of the pretraining); 0 for a result copied
+    from an identical run of another row (that run paid for it)."""
+    if record.get("reused_from"):
+        return 0.0
+    return max(record.get("wall_time_s", 0.0), record.get("pretrain_s", 0.0))
+
+
+def cost_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
+    """(status, measured) of the cost target from the committed runs rather than an estimate: one seed of every
+    study, each row counted at the median of its seeds' ``run_seconds`` (a median, so that one resumed fine-tuning
+    run, whose earlier processes its record does not count, moves it little). Pending until every study is
+    complete; the CPUs the runs were made on are named, as the time is theirs."""
+    done = {key: study for key, study in studies.items() if study_complete(study)}
+    seconds = sum(statistics.median(map(run_seconds, study.current_finished(row)))
+                  for study in done.values() for row in study.spec.rows)
+    machines = [r.get("provenance", {}) for study in done.values() for row in study.spec.rows
+                for r in study.current_finished(row)]
+    cpus = sorted({f"{m.get('cpu', 'unrecorded')} ({m.get('cpu_threads', '?')} threads)" for m in machines})
+    todo = [study.spec.name for key, study in studies.items() if key not in done]
+    measured = (f"one seed of {'all ' if not todo else ''}{len(done)} stud{'y' if len(done) == 1 else 'ies'}: "
+                f"{seconds / 3600:.2f} h "
+                f"(target <= {COST_HOURS:g} h; each row at the median of its seeds, a reused run at 0) on "
+                f"{', '.join(cpus) or 'no runs yet'}" + (f"; to come: {', '.join(todo)}" if todo else ""))
+    return _status(seconds <= COST_HOURS * 3600, bool(todo)), measured
+
+
 def targets_report(profile: Profile, studies: dict[str, StudyRecords]) -> str:
     """The measured targets' status table and the signal target's per-study table (docs/reduced-scale.md)."""
     features, signal, instability = features_target(studies), signal_target(profile, studies), instability_target(studies)
+    cost = cost_target(studies)
     lines = ["| target | status | measured |", "|---|---|---|",
              f"| Features (F3, seeds 0-2) | {features[0]} | {features[1]} |",
              f"| Signal | {signal[0]} | {signal[1]} |",
-             f"| Instability (seeds 0-2) | {instability[0]} | {instability[1]} |"]
+             f"| Instability (seeds 0-2) | {instability[0]} | {instability[1]} |",
+             f"| Cost (measured, seeds 0-2) | {cost[0]} | {cost[1]} |"]
     if signal[2]:
         lines += ["", "The signal target per study (compared rows: a paper Δ and two or more seeds on both sides):",
                   "", signal[2]]
