@@ -8,7 +8,7 @@ import replicate.study.runner
 from replicate.runtime.precision import training_precision
 from replicate.study.profiles import SMOKE
 from replicate.study.results import ResultsError, ResultStore
-from replicate.study.spec import load_spec
+from replicate.study.spec import find_spec, load_spec
 
 
 def write_spec(path, table_id: int, rows: str):
@@ -225,6 +225,22 @@ def test_progress_counts_the_runs_left_and_estimates_the_time(tmp_path, monkeypa
     assert "seed 1: running (study: 0/4 run)" in err  # nothing finished yet: no estimate
     assert "(0s; study: 1/4 run, about 5 min left)" in err  # 3 rows left at 100 s each (the fake says 0 s)
     assert "study: 4/4 run)" in err and "left)" not in err.splitlines()[-1]
+
+
+def test_the_time_left_weighs_each_row_by_its_relative_cost(tmp_path, monkeypatch, capsys):
+    """A row of twice the work counts twice: after the reference took 100 s, 'large' (smoke: twice the depth) is
+    200 s away (3 min), not the 100 s (2 min) a mean over rows would say; a fine-tuning study's rows weigh alike."""
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row([]))
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
+    clock = iter(range(0, 10_000, 100))
+    monkeypatch.setattr(replicate.study.runner.time, "perf_counter", lambda: next(clock))
+    spec = write_spec(tmp_path / "eta.yaml", 5, "  - {name: ref, label: reference}\n"
+                                                "  - {name: large, label: large, set: {arch: vit_large}}\n")
+    ref, large = (SMOKE.resolve(spec.setting(row)) for row in spec.rows)
+    assert replicate.study.runner.relative_cost(spec, large) == 2 * replicate.study.runner.relative_cost(spec, ref) > 0
+    replicate.study.runner.run_table(spec, SMOKE, seeds=1, results_root=tmp_path / "results", progress=False)
+    assert "(0s; study: 1/2 run, about 3 min left)" in capsys.readouterr().err
+    assert replicate.study.runner.relative_cost(load_spec(find_spec("table15")), large) == 1.0
 
 
 def test_a_resumed_row_reports_its_whole_pretraining_time(tmp_path, monkeypatch, capsys):

@@ -268,8 +268,9 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
         store.save_baselines(compute_baselines(reference, data_root))
     jobs = [(row, seed) for row in spec.rows for seed in (range(seeds) if isinstance(seeds, int) else seeds)]
-    eta = StudyEta(sum(force or not _stored_and_kept(store, current, row, seed, keep_stale)
-                       for row, seed in jobs) if D.is_main() else 0)
+    cost = {row.name: relative_cost(spec, current.config(row)) for row in spec.rows}
+    eta = StudyEta([cost[row.name] for row, seed in jobs
+                    if force or not _stored_and_kept(store, current, row, seed, keep_stale)] if D.is_main() else [])
     if D.is_main():
         log(f"[{profile.name} {spec.name}] {len(jobs)} run(s): {len(jobs) - eta.todo} with results already, "
             f"{eta.todo} to run")
@@ -316,7 +317,7 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
                             (twin["table"], twin["row"], twin["seed"]), (spec.key, row.name, seed)):
                         copy["backbone"] = store.backbone_path(spec.key, row.name, seed).name
                     store.save(spec.key, row.name, seed, copy)
-                    eta.reused()
+                    eta.reused(cost[row.name])
                     log(f"{head}: the same run as {source} (identical config): result reused "
                         "(--force re-runs it)")
                 continue
@@ -337,7 +338,7 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
                 raise
             backbone = record.pop("_backbone", None)  # the trained ViT, handed back by run_row; never serialised
             before = record.pop("_pretrained_before_s", 0.0)  # a resumed row's pretraining before this process
-            eta.finished(time.perf_counter() - t_row)
+            eta.finished(time.perf_counter() - t_row, cost[row.name])
             if D.is_main():
                 keep_backbone(store, (spec.key, row.name, seed), record, backbone)
                 path = store.save(spec.key, row.name, seed, record)
@@ -373,26 +374,38 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def relative_cost(spec: Spec, cfg: RunConfig) -> float:
+    """A row's cost relative to its study's other rows, for the time-left estimate: pretraining epochs x tokens x
+    depth x width^2 (the linear layers' work per image; the images per epoch are the profile's, alike for every row),
+    so that a ViT-L row or a 600-epoch row counts as the larger share it is. Fine-tuning and transfer studies weigh
+    their rows alike (their cost has parts, pretraining or not, reused or not, that one config does not say)."""
+    if spec.kind != "pretrain":
+        return 1.0
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    return float(cfg.epochs * tokens * cfg.depth * cfg.embed_dim ** 2)
+
+
 class StudyEta:
-    """The study's progress for the log: runs finished of those to run, and the time left, estimated from the mean
-    time of the rows this process trained (rows differ in cost, so it is a rough guide that sharpens as rows
-    finish; reused rows take no time)."""
+    """The study's progress for the log: runs finished of those to run, and the time left: the seconds per unit of
+    ``relative_cost`` of the rows this process trained, times the cost of the runs left (a rough guide that sharpens
+    as rows finish; a reused row takes no time)."""
 
-    def __init__(self, todo: int):
-        self.todo, self.done, self.times = todo, 0, []
+    def __init__(self, costs: list[float]):  # the relative cost of each run to do
+        self.todo, self.done, self.left, self.spent, self.worked = len(costs), 0, sum(costs), 0.0, 0.0
 
-    def finished(self, seconds: float) -> None:
+    def finished(self, seconds: float, cost: float) -> None:
+        self.reused(cost)  # done, as a reused run is; and its time measures the rate
+        self.spent += seconds
+        self.worked += cost
+
+    def reused(self, cost: float) -> None:
         self.done += 1
-        self.times.append(seconds)
-
-    def reused(self) -> None:
-        self.done += 1
+        self.left -= cost
 
     def progress(self) -> str:
         text = f"study: {self.done}/{self.todo} run"
-        left = self.todo - self.done
-        if self.times and left > 0:
-            text += f", about {duration(left * sum(self.times) / len(self.times))} left"
+        if self.worked and self.done < self.todo:
+            text += f", about {duration(self.left * self.spent / self.worked)} left"
         return text
 
 
