@@ -164,6 +164,10 @@ def test_the_notes_say_the_runs_own_setting(tmp_path):
     text = render_table(spec, ResultStore(tmp_path, "reduced"))
     assert "At the reduced profile" in text and "96 wide x 4 blocks" in text and "batch 128" in text
     assert "Notes: ViT-B/16, 300 epochs, batch 4096" in text  # the paper's, from the spec, still there
+    # a fine-tuning study's reference from scratch trains with its fine-tuning recipe only: no pretraining batch
+    text = render_table(load_spec(find_spec("table15")), ResultStore(tmp_path, "reduced"))
+    assert "patch 10, trained from scratch: batch 32, 20 epochs, peak lr 0.005, AdamW" in text
+    assert "batch 128" not in text
 
 
 def test_grad_figure_shows_every_row_and_knn_legend_names_the_faint_lines(tmp_path, monkeypatch):

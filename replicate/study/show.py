@@ -58,7 +58,7 @@ PRETRAIN_ONLY = ("framework", "m", "optim", "batch", "lr", "wd", "epochs", "warm
 
 def with_finetune_columns(spec: Spec, profile: Profile, rows: list[list], head: list[str]) -> tuple[list[list], list[str]]:
     """A fine-tuning study: where each row starts (pretrained or scratch) and its fine-tuning recipe at this profile
-    (evals/e2e.py); a row from scratch is never pretrained, so its pretraining columns are dashes."""
+    (``e2e_recipe``); a row from scratch is never pretrained, so its pretraining columns are dashes."""
 
 
     blank = {head.index(h) for h in PRETRAIN_ONLY}
