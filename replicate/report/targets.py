@@ -187,10 +187,9 @@ def cost_target(studies: dict[str, StudyRecords]) -> tuple[str, str]:
     run, whose earlier processes its record does not count, moves it little). Pending until every study is
     complete; the CPUs the runs were made on are named, as the time is theirs."""
     done = {key: study for key, study in studies.items() if study_complete(study)}
-    seconds = sum(statistics.median(map(run_seconds, study.current_finished(row)))
-                  for study in done.values() for row in study.spec.rows)
-    machines = [r.get("provenance", {}) for study in done.values() for row in study.spec.rows
-                for r in study.current_finished(row)]
+    runs = [study.current_finished(row) for study in done.values() for row in study.spec.rows]  # per row, by seed
+    seconds = sum(statistics.median(map(run_seconds, recs)) for recs in runs)
+    machines = [r.get("provenance", {}) for recs in runs for r in recs]
     cpus = sorted({f"{m.get('cpu', 'unrecorded')} ({m.get('cpu_threads', '?')} threads)" for m in machines})
     todo = [study.spec.name for key, study in studies.items() if key not in done]
     measured = (f"one seed of {'all ' if not todo else ''}{len(done)} stud{'y' if len(done) == 1 else 'ies'}: "
