@@ -223,16 +223,15 @@ def _setting_line(spec: Spec, store: ResultStore, records: dict) -> list[str]:
     ran = sorted({r["iterations"] for r in records.get(ref.name, []) if r.get("iterations")})
     iters = f" ({'/'.join(map(str, ran))} iterations)" if ran else ""
     data = f"{cfg.dataset}" + (f", {cfg.train_subset} training images" if cfg.train_subset else "")
-    pretraining = (f"batch {cfg.batch_size}, {cfg.epochs} epochs{iters}, peak lr {cfg.lr:.3g}, "
-                   f"{cfg.setting.optimizer}")
+    training = f"batch {cfg.batch_size}, {cfg.epochs} epochs{iters}, peak lr {cfg.lr:.3g}, {cfg.setting.optimizer}"
     if spec.kind == "finetune":  # what the row trains with is its fine-tuning recipe; from scratch, nothing else
         r = e2e_recipe(cfg.setting, profile)
         tuned = f"batch {r.batch}, {r.epochs} epochs, peak lr {r.lr:.3g}, AdamW (its fine-tuning recipe)"
-        pretraining = (f"trained from scratch: {tuned}" if cfg.setting.init == "random"
-                       else f"pretrained with {pretraining}, then fine-tuned: {tuned}")
+        training = (f"trained from scratch: {tuned}" if cfg.setting.init == "random"
+                    else f"pretrained with {training}, then fine-tuned: {tuned}")
     return [f"At the {store.profile} profile (the paper's setting scaled down): {data}, "
             f"{cfg.image_size} px; the reference row ({ref.label}) is a ViT {cfg.embed_dim} wide x {cfg.depth} blocks "
-            f"x {cfg.num_heads} heads, patch {cfg.patch_size}, {pretraining}. Every row's setting: "
+            f"x {cfg.num_heads} heads, patch {cfg.patch_size}, {training}. Every row's setting: "
             f"`replicate show {spec.name} --profile {store.profile}`.", ""]
 
 
