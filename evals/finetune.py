@@ -27,7 +27,6 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm import tqdm
 
 from replicate.core import distributed as D
 from replicate.core.config import RunConfig
@@ -35,6 +34,7 @@ from replicate.core.data import TensorSplit, channel_stats
 from replicate.core.model import build_vit
 from replicate.core.seeding import augment_seed, epoch_seed, seed_everything
 from replicate.runtime.checkpoint import config_fingerprint
+from replicate.runtime.progress import progress as progress_bar
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
 
@@ -269,8 +269,7 @@ def train_classifier(model: nn.Module, recipe: FinetuneRecipe, cfg: RunConfig, t
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     use_amp = device.type == "cuda"
-    bar = tqdm(total=recipe.epochs * ipe, initial=step, desc=desc, unit="it", leave=False, dynamic_ncols=True,
-               disable=not (progress and D.is_main()))
+    bar = progress_bar(total=recipe.epochs * ipe, initial=step, desc=desc, enabled=progress)
     for epoch in range(start, recipe.epochs):
         for x, y in epoch_iter(epoch):
             if step >= len(lrs):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicate.core import distributed as D
+from replicate.runtime.progress import progress as progress_bar
 
 from .resume import fingerprint, load_state, remove_state, save_state, state_digest
 
@@ -80,8 +81,6 @@ def train_linear_head(backbone: nn.Module, embed_dim: int, num_classes: int, tra
     ``train_loader``/``val_loader``: ``evals.loaders.make_loader`` loaders (train: global batch ``batch_size``, no
     drop_last). ``amp``: bf16 autocast for the backbone's forward on CUDA (the official probe is fp32).
     ``ckpt_path``: saved at the end of every epoch and resumed from automatically; deleted when done."""
-    from tqdm import tqdm
-
     _check_train_loader(train_loader, batch_size)
     device = torch.device(device)
     before = state_digest(backbone)
@@ -109,8 +108,8 @@ def train_linear_head(backbone: nn.Module, embed_dim: int, num_classes: int, tra
     head = (nn.parallel.DistributedDataParallel(fc, device_ids=[device.index] if device.type == "cuda" else None)
             if D.is_dist() else fc)
     use_amp = amp and device.type == "cuda"
-    for epoch in tqdm(range(start, epochs), initial=start, total=epochs, desc="linear probe",
-                      disable=not (progress and D.is_main())):
+    for epoch in progress_bar(range(start, epochs), initial=start, total=epochs, desc="linear probe", unit="epoch",
+                              enabled=progress):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(lr, epoch, epochs)
         _train_epoch(backbone, head, opt, train_loader, epoch, embed_dim, device, use_amp)

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="results root. Default: the repository's results/ (results/cpu-bf16/ with "
                           "REPLICATE_CPU_MATMUL=bf16 on CPU); `python -m replicate.render` then defaults to it")
     run.add_argument("--no-render", action="store_true", help="do not print the rendered table afterwards")
-    run.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when stderr is "
-                                                          "not a terminal)")
+    run.add_argument("--quiet", action="store_true", help="no progress output (a bar on a terminal; in a log file, "
+                                                          "a line at every tenth of a run)")
     show = sub.add_parser("show", help="print the resolved setting of every row at a profile (runs nothing)")
     show.add_argument("table", help="tableN or a spec path")
     show.add_argument("--profile", default="paper", metavar="NAME", help=f"one of {profiles}. Default: paper")
@@ -135,7 +135,7 @@ def add_evaluate_parser(sub, profiles: str) -> None:
     evaluate.add_argument("--data-root", default=None, metavar="DIR", help="dataset folder, as for `run`")
     evaluate.add_argument("--results", default=None, metavar="DIR",
                           help="results root the evaluation record goes to. Default: the repository's results/")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress output (bars, or log lines)")
     evaluate.add_argument("--trust-checkpoint", action="store_true",
                           help="unpickle a checkpoint that holds Python objects beyond tensors (refused by default: "
                                "unpickling can run code); only for a file from a source you trust")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         from replicate.study.runner import run_table
 
         store = run_table(spec, get_profile(args.profile), args.seeds, args.force, args.data_root, args.results,
-                          progress=not args.quiet and sys.stderr.isatty(), keep_stale=args.keep_stale)
+                          progress=not args.quiet, keep_stale=args.keep_stale)
         from replicate.core import distributed as D
         from replicate.study.results import remember_run
 
@@ -232,7 +232,7 @@ def evaluate_command(args) -> int:
 
     metrics, path = evaluate_checkpoint(args.checkpoint, args.profile, args.arch, args.row, args.seed,
                                         args.data_root, args.results,
-                                        progress=not args.quiet and sys.stderr.isatty(), trust=args.trust_checkpoint)
+                                        progress=not args.quiet, trust=args.trust_checkpoint)
     if D.is_main():
         print(", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         print(f"-> {path}", file=sys.stderr)

@@ -53,7 +53,7 @@ def run(names: list[str], rows: list[str], seeds: list[int], data_root: str | No
     for name in names:
         for ref in rows:
             run_table(one_row(ref), candidate(name), seeds=seeds, data_root=data_root, results_root=RUNS_ROOT,
-                      progress=sys.stderr.isatty())
+                      progress=True)
 
 
 def estimate(name: str, steps: int = 3) -> dict:

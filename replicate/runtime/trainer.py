@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.datasets import ImageFolder
-from tqdm import tqdm
 
 from replicate.core import distributed as D
 from replicate.core.augment import TwoViewBatchAugment, two_view_pil_crops
@@ -39,6 +38,7 @@ from replicate.runtime.checkpoint import CheckpointError, load_checkpoint, save_
 from replicate.runtime.hostmem import retain_freed_memory
 from replicate.runtime.monitor import HeldOutKnn, TrainingMonitor
 from replicate.runtime.precision import cpu_bf16_matmuls
+from replicate.runtime.progress import progress as progress_bar
 
 
 @dataclass
@@ -330,8 +330,8 @@ def pretrain(cfg: RunConfig, data_root: str | None = None, ckpt_path: Path | Non
         if D.is_main():
             save_checkpoint(ckpt_path, cfg, model, optimizer, monitor, step, t_offset + time.perf_counter() - t0)
 
-    bar = tqdm(range(start, end), initial=start, total=total, disable=not (progress and D.is_main()),
-               desc=f"pretrain {cfg.setting.framework} seed {cfg.seed}", unit="it", leave=False, dynamic_ncols=True)
+    bar = progress_bar(range(start, end), initial=start, total=total, enabled=progress,
+                       desc=f"pretrain {cfg.setting.framework} seed {cfg.seed}")
     # bf16 products only with REPLICATE_CPU_MATMUL=bf16 (replicate/runtime/precision.py)
     with cpu_bf16_matmuls(model, device):
         model.train()
