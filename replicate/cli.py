@@ -11,6 +11,7 @@ from replicate.study.profiles import PROFILES, get_profile
 EPILOG = """examples:
   replicate run table5 --profile reduced --seeds 3
   replicate run tables/05_position_embedding.yaml --profile smoke
+  replicate run table10 --profile reduced --seeds 3 --rows vit_bn_h,vit_bn_l_p7
   replicate show table10 --profile paper
   torchrun --nproc_per_node 8 -m replicate run table5 --profile paper --data-root /data/imagenet
   replicate export table5 sincos --profile smoke --format timm -o sincos.pth
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"scale, one of {profiles}: paper (ImageNet, GPUs), reduced (Fashion-MNIST, CPU minutes "
                           "per row), smoke (seconds per row). Default: reduced")
     run.add_argument("--seeds", type=int, default=1, help="seeds per row, 0..K-1. Default: 1")
+    run.add_argument("--rows", type=lambda v: [name for name in v.split(",") if name], metavar="ROW[,ROW...]",
+                     help="run only these rows, comma-separated (names as `replicate show` lists them), e.g. to "
+                          "re-run one with --force. Default: every row")
     run.add_argument("--force", action="store_true", help="re-run rows that already have current results")
     run.add_argument("--keep-stale", action="store_true",
                      help="keep results whose config no longer matches the spec (the table marks them stale) "
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.seeds < 1:
             raise SpecError(f"--seeds must be at least 1 (got {args.seeds})")
+        if args.rows == []:
+            raise SpecError("--rows names no row (give row names, comma-separated; `replicate show` lists them)")
         check_cpu_precision()  # a mistyped or ineffective $REPLICATE_CPU_MATMUL fails here, before any row runs
         from evals.linear import probe_bf16
 
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         from replicate.study.runner import run_table
 
         store = run_table(spec, get_profile(args.profile), args.seeds, args.force, args.data_root, args.results,
-                          progress=not args.quiet, keep_stale=args.keep_stale)
+                          progress=not args.quiet, keep_stale=args.keep_stale, rows=args.rows)
         from replicate.core import distributed as D
         from replicate.study.results import remember_run
 

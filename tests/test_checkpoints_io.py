@@ -12,11 +12,11 @@ import replicate.study.runner
 from replicate.__main__ import main
 from replicate.core.config import Setting
 from replicate.core.model import build_vit
-from replicate.study.evaluate import build_loaded_backbone, read_checkpoint
+from replicate.study.evaluate import build_loaded_backbone, read_checkpoint, row_config
 from replicate.study.export import BACKBONE_FORMAT, keep_backbone, timm_create_kwargs
 from replicate.study.profiles import SMOKE
 from replicate.study.results import ResultStore
-from replicate.study.spec import load_spec
+from replicate.study.spec import SpecError, load_spec
 
 ROW = "  - {name: ref, label: reference}\n"
 
@@ -193,6 +193,16 @@ def test_export_without_a_result_says_to_run_the_table(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "not committed" in err and "--results my-results" in err and "--force" not in err
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_an_unknown_row_is_one_line_naming_the_studys_rows(tmp_path, capsys):
+    assert main(["export", "table5", "nosuch", "--profile", "smoke", "--format", "timm", "-o", str(tmp_path / "x.pth"),
+                 "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "table5 has no row 'nosuch'; its rows: sincos, learned, none" in err
+    with pytest.raises(SpecError, match=r"^--row table5:nosuch: table5 has no row 'nosuch'; its rows: sincos"):
+        row_config("table5:nosuch", "smoke", 0)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "x.pth").exists()
 
 
 def test_a_reused_row_shares_its_twins_backbone(finished_row, tmp_path):

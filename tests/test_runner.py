@@ -154,6 +154,27 @@ def test_two_specs_with_one_number_never_share_results(tmp_path, monkeypatch):
         replicate.study.runner.run_table(clash, SMOKE, results_root=results, progress=False)
 
 
+def test_rows_runs_only_the_named_rows_and_refuses_an_unknown_one_before_any_write(tmp_path, monkeypatch, capsys):
+    from replicate.__main__ import main
+
+    trained = []
+    monkeypatch.setattr(replicate.study.runner, "run_row", fake_run_row(trained))
+    monkeypatch.setattr(replicate.study.runner, "compute_baselines", lambda *a: {})
+    path, results = tmp_path / "rows.yaml", tmp_path / "results"
+    write_spec(path, 5, "  - {name: ref, label: reference}\n  - {name: a, label: a, set: {momentum: 0.9}}\n"
+                        "  - {name: b, label: b, set: {momentum: 0.9, base_lr: 5.0e-4}}\n")
+    run = ["run", str(path), "--profile", "smoke", "--results", str(results), "--quiet", "--no-render"]
+    assert main([*run, "--rows", "b,ref", "--seeds", "2"]) == 0
+    assert trained == ["ref", "ref", "b", "b"]  # table order, whatever order --rows names them in
+    for bad, why in (("a,nosuch", "has no row 'nosuch'; its rows: ref, a, b"), (",", "--rows names no row")):
+        capsys.readouterr()
+        before = sorted(tmp_path.rglob("*"))
+        assert main([*run, "--rows", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err and sorted(tmp_path.rglob("*")) == before
+    assert trained == ["ref", "ref", "b", "b"]
+
+
 def test_missing_data_root_writes_nothing(tmp_path, monkeypatch, capsys):
     from replicate.__main__ import main
 

@@ -115,11 +115,12 @@ def parse_row(value: str) -> tuple[str, str]:
 def row_config(value: str, profile: str, seed: int) -> RunConfig:
     table, row = parse_row(value)
     spec = load_spec(find_spec(table))
-    names = [r.name for r in spec.rows]
-    if row not in names:
-        raise SpecError(f"--row {value}: {spec.name} has no row {row!r}; its rows: {', '.join(names)}")
+    try:
+        chosen = spec.row(row)
+    except SpecError as e:
+        raise SpecError(f"--row {value}: {e}") from None
     check_profile(spec, get_profile(profile))
-    return get_profile(profile).resolve(spec.setting(spec.row(row)), seed=seed)
+    return get_profile(profile).resolve(spec.setting(chosen), seed=seed)
 
 
 def model_config(ckpt: Checkpoint, profile: str | None, row: str | None, arch: str | None,

@@ -28,7 +28,7 @@ from replicate.core.model import timm_vit_kwargs
 from replicate.runtime.checkpoint import FORMATS, WeightsFileError, atomic_torch_save, load_weights, save_weights
 from replicate.study.profiles import Profile
 from replicate.study.results import DEFAULT_ROOT, CurrentConfigs, ResultsError, ResultStore
-from replicate.study.spec import Spec, SpecError, check_profile
+from replicate.study.spec import Spec, check_profile
 
 BACKBONE_FORMAT = FORMATS["backbone"]
 MOCO_PREFIX = "module.base_encoder."  # the official MoCo wrapper under DistributedDataParallel
@@ -64,8 +64,7 @@ def run_command(spec: Spec, profile: str) -> str:
 
 def load_row_backbone(store: ResultStore, spec: Spec, row: str, seed: int) -> tuple[dict[str, torch.Tensor], RunConfig]:
     """The backbone a finished row kept, and its config. One-line errors when there is none."""
-    if row not in {r.name for r in spec.rows}:
-        raise SpecError(f"{spec.name} has no row {row!r}; its rows: {', '.join(r.name for r in spec.rows)}")
+    spec.row(row)  # a SpecError naming the rows where there is none
     record = store.load(spec.key, row, seed)
     where = f"{spec.name} row {row} seed {seed} at profile {store.profile}"
     if record is None:

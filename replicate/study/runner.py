@@ -237,11 +237,12 @@ def check_precision(current: CurrentConfigs, store: ResultStore, precision: str)
 
 def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, force: bool = False,
               data_root: str | None = None, results_root=None, progress: bool = True,
-              keep_stale: bool = False) -> ResultStore:
+              keep_stale: bool = False, rows: Sequence[str] | None = None) -> ResultStore:
     """Run every (row, seed) that has no current result. A stored result is current while its resolved config
     equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
-    it stale), and the log names the fields that changed."""
+    it stale), and the log names the fields that changed. ``rows``: only these (by name), in table order."""
     check_profile(spec, profile)  # every row resolves at this profile (a SpecError names row and key)
+    wanted = {spec.row(name).name for name in rows} if rows is not None else None  # a SpecError names the rows
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     precision = training_precision("cuda" if torch.cuda.is_available() else "cpu")
     if results_root is None and precision == LABELS["bf16"] and D.is_main():
@@ -267,7 +268,8 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
             and (baselines is None or baselines.get("depends_on") != now)):
         log(f"[{profile.name}] computing baselines (raw pixels, random backbone) ...")
         store.save_baselines(compute_baselines(reference, data_root))
-    jobs = [(row, seed) for row in spec.rows for seed in (range(seeds) if isinstance(seeds, int) else seeds)]
+    jobs = [(row, seed) for row in spec.rows if wanted is None or row.name in wanted
+            for seed in (range(seeds) if isinstance(seeds, int) else seeds)]
     cost = {row.name: relative_cost(spec, current.config(row)) for row in spec.rows}
     eta = StudyEta([cost[row.name] for row, seed in jobs
                     if force or not _stored_and_kept(store, current, row, seed, keep_stale)] if D.is_main() else [])

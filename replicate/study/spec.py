@@ -123,10 +123,11 @@ class Spec(BaseModel):
         return Setting(**{**self.base, **row.set})
 
     def row(self, name: str) -> Row:
+        """The row called ``name``; a SpecError naming the study's rows where there is none."""
         for r in self.rows:
             if r.name == name:
                 return r
-        raise KeyError(name)
+        raise SpecError(f"{self.name} has no row {name!r}; its rows: {', '.join(r.name for r in self.rows)}")
 
 
 # pydantic names the member of a union it tried in the error location ('paper.float', 'paper.dict[str,...]');
