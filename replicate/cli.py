@@ -186,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.seeds < 1:
             raise SpecError(f"--seeds must be at least 1 (got {args.seeds})")
-        if args.rows == []:
-            raise SpecError("--rows names no row (give row names, comma-separated; `replicate show` lists them)")
         check_cpu_precision()  # a mistyped or ineffective $REPLICATE_CPU_MATMUL fails here, before any row runs
         from evals.linear import probe_bf16
 

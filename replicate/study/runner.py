@@ -44,7 +44,7 @@ from replicate.study.results import (
     record_precision,
     run_results_root,
 )
-from replicate.study.spec import Row, Spec, check_batch_fits, check_profile
+from replicate.study.spec import Row, Spec, SpecError, check_batch_fits, check_profile
 from replicate.study.transfer_row import run_transfer_row
 
 
@@ -242,6 +242,8 @@ def run_table(spec: Spec, profile: Profile, seeds: int | Sequence[int] = 1, forc
     equals what the spec resolves to now; otherwise the row is re-run (``keep_stale``: kept, and the renderer marks
     it stale), and the log names the fields that changed. ``rows``: only these (by name), in table order."""
     check_profile(spec, profile)  # every row resolves at this profile (a SpecError names row and key)
+    if rows is not None and not rows:
+        raise SpecError("--rows names no row (give row names, comma-separated; `replicate show` lists them)")
     wanted = {spec.row(name).name for name in rows} if rows is not None else None  # a SpecError names the rows
     D.init_from_env()  # under torchrun, join the group first: rank-0-only writing and the row lock need ranks
     precision = training_precision("cuda" if torch.cuda.is_available() else "cpu")
